@@ -1,0 +1,60 @@
+"""`cachedit backends | conformance | demo`: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def cmd_backends(args) -> int:
+    from . import backends
+
+    records = backends()
+    if args.json:
+        print(json.dumps([r.__dict__ for r in records], indent=2))
+        return 0
+    rows = [[r.name, r.plugin, "yes" if r.available else "no", r.device_type, r.dist_backend, r.priority,
+             r.error or r.reason] for r in records]
+    print(_table(rows, ["backend", "plugin", "available", "device", "dist", "priority", "reason / error"]))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(steps=args.steps, out=args.out)
+
+
+def cmd_conformance(args) -> int:
+    import pytest
+
+    extra = [f"--cachedit-backend={b}" for b in args.backend]
+    return pytest.main(["--pyargs", "cachedit.testing.conformance", "-p", "no:cacheprovider", "-q", *extra])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cachedit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("backends", help="list installed backends, their availability and load errors")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_backends)
+    p = sub.add_parser("demo", help="run a pipeline plain and accelerated, print the comparison table")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--out", default="out/demo")
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("conformance", help="run the backend conformance suite against installed backends")
+    p.add_argument("--backend", action="append", default=[], help="only this backend (repeatable)")
+    p.set_defaults(func=cmd_conformance)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Parallel plans. Every collective goes through a backend's `Communicator`."""

@@ -1,0 +1,102 @@
+"""The collectives parallel plans need, as one small interface a backend can specialise.
+
+`Communicator` implements them on plain `torch.distributed`; a backend plugin returns it (or a
+subclass that swaps in what its library lacks or does faster) from `cachedit_communicator`.
+All methods take and return whole tensors; shapes must match across ranks unless stated.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class Communicator:
+    """Collectives over one process group."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        self.group = group
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size(self.group)
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Reduce across ranks ("sum", "max", "min", "avg"); returns a new tensor."""
+        out = tensor.clone()
+        if op == "avg":
+            dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
+            return out / self.world_size
+        dist.all_reduce(out, op=_REDUCE_OPS[op], group=self.group)
+        return out
+
+    def all_gather(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Concatenate every rank's tensor along `dim`, in rank order."""
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor.contiguous(), group=self.group)
+        return torch.cat(parts, dim=dim)
+
+    def all_gather_uneven(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Like all_gather, but each rank's size along `dim` may differ."""
+        size = torch.tensor([tensor.shape[dim]], dtype=torch.int64, device=tensor.device)
+        sizes = [int(s) for s in self.all_gather(size)]
+        padded = _pad_to(tensor, dim, max(sizes))
+        gathered = self.all_gather(padded, dim=dim).split(max(sizes), dim=dim)
+        return torch.cat([g.narrow(dim, 0, s) for g, s in zip(gathered, sizes)], dim=dim)
+
+    def reduce_scatter(self, tensor: torch.Tensor, dim: int = 0, op: str = "sum") -> torch.Tensor:
+        """Reduce across ranks, then keep this rank's equal chunk along `dim`."""
+        chunks = [c.contiguous() for c in tensor.chunk(self.world_size, dim=dim)]
+        out = torch.empty_like(chunks[self.rank])
+        dist.reduce_scatter(out, chunks, op=_REDUCE_OPS[op], group=self.group)
+        return out
+
+    def all_to_all(self, tensor: torch.Tensor, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+        """Split `scatter_dim` into world_size equal chunks, send chunk i to rank i, concatenate
+        what arrives along `gather_dim` (the Ulysses exchange)."""
+        world = self.world_size
+        if tensor.shape[scatter_dim] % world:
+            raise ValueError(f"all_to_all: dim {scatter_dim} of size {tensor.shape[scatter_dim]} "
+                             f"is not divisible by world size {world}")
+        moved = tensor.movedim(scatter_dim, 0).contiguous()
+        out = torch.empty_like(moved)
+        dist.all_to_all_single(out, moved, group=self.group)
+        chunks = out.chunk(world, dim=0)
+        return torch.cat([c.movedim(0, scatter_dim) for c in chunks], dim=gather_dim)
+
+    def send_recv_ring(self, tensor: torch.Tensor, shift: int = 1) -> torch.Tensor:
+        """Send to rank+shift and receive from rank-shift (the Ring attention K/V rotation)."""
+        world, rank = self.world_size, self.rank
+        dst = dist.get_global_rank(self.group, (rank + shift) % world) if self.group else (rank + shift) % world
+        src = dist.get_global_rank(self.group, (rank - shift) % world) if self.group else (rank - shift) % world
+        out = torch.empty_like(tensor)
+        ops = [dist.P2POp(dist.isend, tensor.contiguous(), dst, self.group),
+               dist.P2POp(dist.irecv, out, src, self.group)]
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+        return out
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Every rank gets rank `src`'s tensor (src is a rank within the group)."""
+        out = tensor.clone()
+        global_src = dist.get_global_rank(self.group, src) if self.group else src
+        dist.broadcast(out, global_src, group=self.group)
+        return out
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.group)
+
+
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def _pad_to(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    if tensor.shape[dim] == size:
+        return tensor.contiguous()
+    pad_shape = list(tensor.shape)
+    pad_shape[dim] = size - tensor.shape[dim]
+    return torch.cat([tensor, tensor.new_zeros(pad_shape)], dim=dim)

@@ -1,0 +1,1 @@
+"""Test support shipped with cachedit: tiny offline pipelines, multi-process runs, the conformance suite."""

@@ -1,0 +1,1 @@
+"""cachedit backend for Huawei Ascend NPUs (through torch_npu)."""

@@ -1,0 +1,1 @@
+"""cachedit's exact reference backend for CPUs: every feature runs and is checkable here."""

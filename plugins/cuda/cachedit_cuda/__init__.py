@@ -1,0 +1,1 @@
+"""cachedit backend for NVIDIA GPUs."""
