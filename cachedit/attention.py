@@ -97,6 +97,11 @@ def select_kernel(
     raise ValueError(f"no attention kernel fits dtype={dtype}, head_dim={head_dim}, {needs}: " + "; ".join(reasons))
 
 
+# Tensor methods written in Python end in `super().name()`, which dynamo cannot trace while a
+# torch function mode is active (a graph break per call); their torch.* forms are equivalent.
+_FUNCTIONAL_FORMS = frozenset({"unflatten", "split", "norm", "unique"})
+
+
 class AttentionRouter(TorchFunctionMode):
     """Routes SDPA calls made inside it to backend kernels and counts which kernel ran."""
 
@@ -104,21 +109,31 @@ class AttentionRouter(TorchFunctionMode):
         super().__init__()
         self.kernels = kernels
         self.requested = requested
-        self.calls: Counter = Counter()
-        # Parallel plans install a wrapper here: wrapper(kernel_call, q, k, v, **kw) -> out.
+        self.chosen: dict[tuple, AttentionKernel] = {}  # call signature -> kernel, decided once
+        self.calls: Counter = Counter()  # eager calls per kernel (not counted inside compiled graphs)
+        # Parallel plans install a wrapper here: wrapper(router, q, k, v, **kw) -> out.
         self.wrapper: Callable | None = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
+            if getattr(func, "__module__", None) == "torch._tensor" and func.__name__ in _FUNCTIONAL_FORMS:
+                func = getattr(torch, func.__name__)
             return func(*args, **kwargs)
         return self.attend(*args, **kwargs)
 
     def kernel_for(self, query, key, attn_mask=None, is_causal=False, need_lse=False, cp_mode=None):
-        return select_kernel(
-            self.kernels, self.requested, query.dtype, query.shape[-1], mask=attn_mask is not None,
-            causal=is_causal, need_lse=need_lse, gqa=query.shape[-3] != key.shape[-3], cp_mode=cp_mode,
-        )
+        """The kernel for this call signature; chosen once, so compiled graphs see a stable choice."""
+        sig = (query.dtype, query.shape[-1], attn_mask is not None, is_causal, need_lse,
+               query.shape[-3] != key.shape[-3], cp_mode)
+        kernel = self.chosen.get(sig)
+        if kernel is None:
+            kernel = select_kernel(self.kernels, self.requested, sig[0], sig[1], mask=sig[2], causal=sig[3],
+                                   need_lse=sig[4], gqa=sig[5], cp_mode=sig[6])
+            self.chosen[sig] = kernel
+        if not torch.compiler.is_compiling():
+            self.calls[kernel.name] += 1
+        return kernel
 
     def attend(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                enable_gqa=False, **extra):
@@ -127,7 +142,6 @@ class AttentionRouter(TorchFunctionMode):
         if self.wrapper is not None:
             return self.wrapper(self, query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
         kernel = self.kernel_for(query, key, attn_mask, is_causal)
-        self.calls[kernel.name] += 1
         # Inside __torch_function__ this mode is off, so kernels may call SDPA themselves.
         return kernel.fn(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
 

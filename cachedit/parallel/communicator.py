@@ -3,6 +3,7 @@
 `Communicator` implements them on plain `torch.distributed`; a backend plugin returns it (or a
 subclass that swaps in what its library lacks or does faster) from `cachedit_communicator`.
 All methods take and return whole tensors; shapes must match across ranks unless stated.
+Exchanges (not reductions) move float8 tensors as raw bytes, which every library can carry.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ class Communicator:
 
     def all_gather(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """Concatenate every rank's tensor along `dim`, in rank order."""
-        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        dist.all_gather(parts, tensor.contiguous(), group=self.group)
-        return torch.cat(parts, dim=dim)
+        wire = _as_bytes(tensor.contiguous())
+        parts = [torch.empty_like(wire) for _ in range(self.world_size)]
+        dist.all_gather(parts, wire, group=self.group)
+        return torch.cat(parts, dim=dim).view(tensor.dtype)
 
     def all_gather_uneven(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """Like all_gather, but each rank's size along `dim` may differ."""
@@ -62,10 +64,10 @@ class Communicator:
         if tensor.shape[scatter_dim] % world:
             raise ValueError(f"all_to_all: dim {scatter_dim} of size {tensor.shape[scatter_dim]} "
                              f"is not divisible by world size {world}")
-        moved = tensor.movedim(scatter_dim, 0).contiguous()
+        moved = _as_bytes(tensor.movedim(scatter_dim, 0).contiguous())
         out = torch.empty_like(moved)
         dist.all_to_all_single(out, moved, group=self.group)
-        chunks = out.chunk(world, dim=0)
+        chunks = out.view(tensor.dtype).chunk(world, dim=0)
         return torch.cat([c.movedim(0, scatter_dim) for c in chunks], dim=gather_dim)
 
     def send_recv_ring(self, tensor: torch.Tensor, shift: int = 1) -> torch.Tensor:
@@ -73,25 +75,32 @@ class Communicator:
         world, rank = self.world_size, self.rank
         dst = dist.get_global_rank(self.group, (rank + shift) % world) if self.group else (rank + shift) % world
         src = dist.get_global_rank(self.group, (rank - shift) % world) if self.group else (rank - shift) % world
-        out = torch.empty_like(tensor)
-        ops = [dist.P2POp(dist.isend, tensor.contiguous(), dst, self.group),
-               dist.P2POp(dist.irecv, out, src, self.group)]
+        wire = _as_bytes(tensor.contiguous())
+        out = torch.empty_like(wire)
+        ops = [dist.P2POp(dist.isend, wire, dst, self.group), dist.P2POp(dist.irecv, out, src, self.group)]
         for req in dist.batch_isend_irecv(ops):
             req.wait()
-        return out
+        return out.view(tensor.dtype)
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Every rank gets rank `src`'s tensor (src is a rank within the group)."""
-        out = tensor.clone()
+        out = _as_bytes(tensor.clone())
         global_src = dist.get_global_rank(self.group, src) if self.group else src
         dist.broadcast(out, global_src, group=self.group)
-        return out
+        return out.view(tensor.dtype)
 
     def barrier(self) -> None:
         dist.barrier(group=self.group)
 
 
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+_FLOAT8 = {torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz}
+
+
+def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.view(torch.uint8) if tensor.dtype in _FLOAT8 else tensor
 
 
 def _pad_to(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:

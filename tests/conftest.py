@@ -1,0 +1,43 @@
+"""Shared fixtures: installing throwaway plugins through real entry points, and a clean plugin manager."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import cachedit.plugins
+
+
+def make_distribution(site: Path, dist: str, modules: dict[str, str], entry_points: dict[str, str]) -> Path:
+    """Write modules plus a `.dist-info` with `entry_points.txt` into `site`: to importlib.metadata this is
+    exactly an installed distribution, so its plugins load through the real entry-point machinery."""
+    site.mkdir(parents=True, exist_ok=True)
+    for name, source in modules.items():
+        (site / f"{name}.py").write_text(textwrap.dedent(source))
+    info = site / f"{dist}-0.1.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    eps = "\n".join(f"{k} = {v}" for k, v in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[cachedit.plugins]\n{eps}\n")
+    return site
+
+
+def run_python(code: str, site: Path | None = None, env: dict | None = None, timeout: int = 300):
+    """Run `code` in a fresh interpreter with `site` on the path; returns the CompletedProcess."""
+    full_env = {**os.environ, **(env or {})}
+    if site is not None:
+        full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), full_env.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)
+
+
+@pytest.fixture
+def fresh_plugins():
+    """The process-wide plugin manager, reloaded before and after the test."""
+    yield cachedit.plugins.reload()
+    cachedit.plugins.reload()
