@@ -9,8 +9,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 import cachedit.plugins
+
+# The tiny models are too small for intra-op threads; on a 2-core machine shared with spawned ranks,
+# OpenMP spin-waiting makes multi-threaded runs many times slower.
+torch.set_num_threads(1)
 
 
 def make_distribution(site: Path, dist: str, modules: dict[str, str], entry_points: dict[str, str]) -> Path:
