@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,12 +13,14 @@ from diffusers.hooks import ModelHook
 from . import hooks
 from .adapters import Adapter, adapter_for, transformers_of
 from .attention import AttentionRouter, select_kernel
+from .cache.dbcache import apply_cache, remove_cache
 from .backend import Backend
 from .config import CacheConfig, CompileConfig, CompileTarget, ParallelConfig, QuantConfig, coerce
 from .plugins import manager
 
 STATE_ATTR = "_cachedit_state"
 ATTENTION_HOOK = "cachedit.attention"
+COMPILE_HOOK = "cachedit.compile"
 
 
 class AttentionHook(ModelHook):
@@ -30,6 +33,22 @@ class AttentionHook(ModelHook):
     def new_forward(self, module: nn.Module, *args, **kwargs):
         with self.router:
             return self.fn_ref.original_forward(*args, **kwargs)
+
+
+class CompileHook(ModelHook):
+    """Runs a block's own forward compiled. Registered first, it is the innermost hook, so cache
+    decisions made by outer hooks stay out of the compiled graphs."""
+
+    def __init__(self, options: dict) -> None:
+        super().__init__()
+        self.options = options
+
+    def initialize_hook(self, module: nn.Module) -> nn.Module:
+        self.compiled = torch.compile(module.forward, **self.options)
+        return module
+
+    def new_forward(self, module: nn.Module, *args, **kwargs):
+        return self.compiled(*args, **kwargs)
 
 
 @dataclass
@@ -45,6 +64,8 @@ class _Applied:
     adapters: dict[str, Adapter]
     routers: dict[str, AttentionRouter] = field(default_factory=dict)
     compiled: list[nn.Module] = field(default_factory=list)
+    caches: dict[str, list] = field(default_factory=dict)
+    num_steps_override: int | None = None
     compile_options: dict = field(default_factory=dict)
 
 
@@ -78,10 +99,8 @@ def _validate(pipe, backend: Backend, cache, parallel, quantize, compile_cfg, at
             dtype = param.dtype if param is not None else torch.float32
             select_kernel(kernels, attention, dtype, head_dim or 64)
         if cache is not None:
-            cache.check_blocks(len(adapters[name].blocks(t)))
-    if cache is not None:
-        raise NotImplementedError("cache= is declared and validated, but cache policies are not implemented yet "
-                                  "(tracked in the hybrid-cache issue); pass cache=None")
+            for stack in adapters[name].stacks(t):
+                cache.check_blocks(len(stack))
     if parallel is not None and parallel.enabled:
         raise NotImplementedError("parallel= with degrees above 1 is not implemented yet (tracked in the context- "
                                   "and tensor-parallel issues); pass parallel=None")
@@ -115,8 +134,13 @@ def accelerate(pipe, device: str = "auto", cache=None, parallel=None, quantize=N
                 target = CompileTarget("transformer_block", adapters[name].family, compile_cfg)
                 state.compile_options = manager().compile_options(backend, target)
                 for block in adapters[name].blocks(transformer):
-                    block.compile(**state.compile_options)
+                    hooks.attach(block, CompileHook(state.compile_options), COMPILE_HOOK)
                     state.compiled.append(block)
+            if cache_cfg is not None:
+                state.caches[name] = apply_cache(transformer, adapters[name], cache_cfg,
+                                                 functools.partial(_num_steps, pipe))
+            # diffusers caches which children carry hooks; cache_context must see the new ones.
+            transformer._diffusers_hook.invalidate_child_registries_cache()
     except BaseException:
         disable(pipe)
         raise
@@ -128,12 +152,56 @@ def disable(pipe):
     state: _Applied | None = getattr(pipe, STATE_ATTR, None)
     if state is None:
         return pipe
+    for name, caches in state.caches.items():
+        remove_cache(getattr(pipe, name), caches)
     for block in state.compiled:
-        block._compiled_call_impl = None
+        hooks.detach(block, COMPILE_HOOK)
     for name in state.routers:
-        hooks.detach(getattr(pipe, name), ATTENTION_HOOK)
+        transformer = getattr(pipe, name)
+        hooks.detach(transformer, ATTENTION_HOOK)
+        if hasattr(transformer, "_diffusers_hook"):
+            transformer._diffusers_hook.invalidate_child_registries_cache()
     delattr(pipe, STATE_ATTR)
     return pipe
+
+
+def _num_steps(pipe) -> int | None:
+    """This call's step count: a `refresh(pipe, num_inference_steps=N)` override, else the scheduler's."""
+    state = getattr(pipe, STATE_ATTR, None)
+    if state is not None and state.num_steps_override is not None:
+        return state.num_steps_override
+    timesteps = getattr(getattr(pipe, "scheduler", None), "timesteps", None)
+    return len(timesteps) if timesteps is not None else None
+
+
+def refresh(pipe, num_inference_steps: int | None = None):
+    """Start fresh cache state, for transformers called directly (serving) rather than through the
+    pipeline, which refreshes itself after every call; optionally fix the step count for step masks."""
+    state: _Applied | None = getattr(pipe, STATE_ATTR, None)
+    if state is None:
+        raise ValueError("refresh(pipe): pipe is not accelerated; call cachedit.accelerate(pipe, ...) first")
+    if num_inference_steps is not None and (isinstance(num_inference_steps, bool) or not isinstance(
+            num_inference_steps, int) or num_inference_steps < 1):
+        raise ValueError(f"num_inference_steps={num_inference_steps!r} is invalid; allowed values: an integer >= 1")
+    state.num_steps_override = num_inference_steps
+    for caches in state.caches.values():
+        for cache in caches:
+            cache.finish_call()
+    return pipe
+
+
+def _cache_report(caches) -> dict[str, Any]:
+    stacks = []
+    for cache in caches:
+        contexts = cache.states.reports() or cache.last_call
+        done = sum(c["blocks_computed"] for c in contexts.values())
+        total = sum(c["blocks_total"] for c in contexts.values())
+        stacks.append({"blocks": len(cache.blocks), "contexts": contexts,
+                       "computed_fraction": done / total if total else None})
+    done = sum(c["blocks_computed"] for s in stacks for c in s["contexts"].values())
+    total = sum(c["blocks_total"] for s in stacks for c in s["contexts"].values())
+    return {"stacks": stacks, "computed_fraction": done / total if total else None,
+            "ideal_speedup": total / done if done else None}
 
 
 def summary(pipe) -> dict[str, Any]:
@@ -150,7 +218,8 @@ def summary(pipe) -> dict[str, Any]:
                       "kernels": {n: sorted({k.name for k in r.chosen.values()}) for n, r in state.routers.items()},
                       "eager_calls": {n: dict(r.calls) for n, r in state.routers.items()}},
         "compile": None if state.compile is None else {"blocks": len(state.compiled), **state.compile_options},
-        "cache": None if state.cache is None else vars(state.cache),
+        "cache": None if state.cache is None else {
+            "config": vars(state.cache), **{n: _cache_report(c) for n, c in state.caches.items()}},
         "parallel": None if state.parallel is None else vars(state.parallel),
         "quantize": None if state.quantize is None else vars(state.quantize),
     }

@@ -24,15 +24,29 @@ def _check_int(cls: str, name: str, value: Any, minimum: int, special: tuple = (
         _fail(cls, name, value, f"an integer >= {minimum}{extra}")
 
 
+def _check_number(cls: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        _fail(cls, name, value, "a number >= 0")
+
+
 def _check_choice(cls: str, name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         _fail(cls, name, value, ", ".join(repr(a) for a in allowed))
 
 
+CACHE_MODES = ("dbcache", "dbprune")
+CALIBRATORS = (None, "taylorseer", "foca")
+MASK_POLICIES = ("slow", "medium", "fast", "ultra")
+MASK_MODES = ("dynamic", "static")
+
+
 @dataclass(frozen=True)
 class CacheConfig:
-    """DBCache-style block caching: the first `Fn` and last `Bn` blocks always run; the middle
-    ones are skipped when the first blocks' residual changed by less than the threshold."""
+    """Block caching. "dbcache": the first `Fn` and last `Bn` blocks always run; the middle ones are
+    skipped when the first blocks' residual changed by less than `residual_diff_threshold` (relative
+    L1) since the last computed step, and their residual is reused (or forecast by `calibrator`).
+    "dbprune": each middle block not in `protected_blocks` is skipped on its own when its input
+    changed by less than the threshold. Warmup, step masks and the max-cached limits bound both."""
 
     Fn: int = 1
     Bn: int = 0
@@ -41,23 +55,65 @@ class CacheConfig:
     warmup_interval: int = 1
     max_cached_steps: int = -1
     max_continuous_cached_steps: int = -1
+    max_accumulated_diff: float | None = None
+    mode: str = "dbcache"
+    protected_blocks: tuple[int, ...] = ()
+    calibrator: str | None = None
+    taylorseer_order: int = 1
+    steps_mask: tuple[int, ...] | str | None = None  # explicit 1=compute/0=may cache, or a policy name
+    mask_mode: str = "dynamic"  # "static": masked steps always cache; "dynamic": they still check the threshold
 
     def __post_init__(self) -> None:
         n = "CacheConfig"
         _check_int(n, "Fn", self.Fn, 1)
         _check_int(n, "Bn", self.Bn, 0)
-        if isinstance(self.residual_diff_threshold, bool) or not isinstance(self.residual_diff_threshold, (int, float)) \
-                or self.residual_diff_threshold < 0:
-            _fail(n, "residual_diff_threshold", self.residual_diff_threshold, "a number >= 0")
+        _check_number(n, "residual_diff_threshold", self.residual_diff_threshold)
         _check_int(n, "warmup_steps", self.warmup_steps, 0)
         _check_int(n, "warmup_interval", self.warmup_interval, 1)
         _check_int(n, "max_cached_steps", self.max_cached_steps, 0, special=(-1,))
         _check_int(n, "max_continuous_cached_steps", self.max_continuous_cached_steps, 0, special=(-1,))
+        if self.max_accumulated_diff is not None:
+            _check_number(n, "max_accumulated_diff", self.max_accumulated_diff)
+        _check_choice(n, "mode", self.mode, CACHE_MODES)
+        if isinstance(self.protected_blocks, (str, bytes)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.protected_blocks):
+            _fail(n, "protected_blocks", self.protected_blocks, "a tuple of block indices >= 0")
+        object.__setattr__(self, "protected_blocks", tuple(sorted(set(self.protected_blocks))))
+        _check_choice(n, "calibrator", self.calibrator, CALIBRATORS)
+        _check_int(n, "taylorseer_order", self.taylorseer_order, 1)
+        if self.calibrator is not None and self.mode != "dbcache":
+            _fail(n, "calibrator", self.calibrator, "None when mode='dbprune' (calibrators forecast the DBCache residual)")
+        if isinstance(self.steps_mask, str):
+            _check_choice(n, "steps_mask", self.steps_mask, MASK_POLICIES)
+        elif self.steps_mask is not None:
+            if not self.steps_mask or not all(m in (0, 1) and not isinstance(m, bool) for m in self.steps_mask):
+                _fail(n, "steps_mask", self.steps_mask, f"None, one of {MASK_POLICIES}, or a non-empty sequence of 0/1")
+            object.__setattr__(self, "steps_mask", tuple(self.steps_mask))
+        _check_choice(n, "mask_mode", self.mask_mode, MASK_MODES)
 
     def check_blocks(self, num_blocks: int) -> None:
         if self.Fn + self.Bn > num_blocks:
             raise ValueError(f"CacheConfig.Fn + CacheConfig.Bn = {self.Fn + self.Bn} exceeds the model's "
                              f"{num_blocks} transformer blocks; allowed: Fn + Bn <= {num_blocks}")
+        bad = [i for i in self.protected_blocks if i >= num_blocks]
+        if bad:
+            raise ValueError(f"CacheConfig.protected_blocks={self.protected_blocks} names blocks {bad} but the "
+                             f"model has {num_blocks}; allowed: indices 0..{num_blocks - 1}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "CacheConfig":
+        """Named starting points: "fbcache" (first-block cache, F1B0), "fast", "balanced", "quality"."""
+        if name not in CACHE_PRESETS:
+            raise ValueError(f"cache={name!r} is not a preset; allowed values: {', '.join(map(repr, CACHE_PRESETS))}")
+        return cls(**{**CACHE_PRESETS[name], **overrides})
+
+
+CACHE_PRESETS = {
+    "fbcache": dict(Fn=1, Bn=0, residual_diff_threshold=0.08, warmup_steps=0),
+    "fast": dict(Fn=1, Bn=0, residual_diff_threshold=0.2, warmup_steps=4, max_continuous_cached_steps=3),
+    "balanced": dict(Fn=1, Bn=0, residual_diff_threshold=0.12, warmup_steps=4, max_continuous_cached_steps=2),
+    "quality": dict(Fn=2, Bn=1, residual_diff_threshold=0.06, warmup_steps=6, max_continuous_cached_steps=2),
+}
 
 
 @dataclass(frozen=True)
@@ -150,13 +206,15 @@ class CompileTarget:
 
 
 def coerce(value: Any, cls: type, field_name: str):
-    """Accept None, an instance, a dict of fields, or True (defaults) for `field_name`."""
+    """Accept None, an instance, a dict of fields, True (defaults) or, where the config has presets, a preset name."""
     if value is None or value is False:
         return None
     if isinstance(value, cls):
         return value
     if value is True:
         return cls()
+    if isinstance(value, str) and hasattr(cls, "preset"):
+        return cls.preset(value)
     if isinstance(value, dict):
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(value) - known)

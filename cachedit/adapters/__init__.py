@@ -1,15 +1,23 @@
-"""Model-family adapters: where a transformer's blocks are.
+"""Model-family adapters: where a transformer's blocks are and what they take and return.
 
 An adapter is declared per transformer class name. Adding a model means declaring an
-adapter with `register_adapter`, never touching the core. A transformer with no declared
+adapter with `register_adapter` (and, for a block class diffusers does not describe, its
+`BlockIO` with `register_block_io`), never touching the core. A transformer with no declared
 adapter gets a generic one: its `nn.ModuleList` attributes whose names end in "blocks" or
 "layers", in definition order.
+
+Consecutive block lists whose blocks have the same `BlockIO` form one *stack* (FLUX.1's
+double- and single-stream blocks both take and return image and text streams); a list whose
+blocks differ (FLUX.2's single blocks take one concatenated stream) is a stack of its own.
+Caches work per stack.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 
 TRANSFORMER_COMPONENTS = ("transformer", "transformer_2")
@@ -17,16 +25,108 @@ TRANSFORMER_COMPONENTS = ("transformer", "transformer_2")
 
 @dataclass(frozen=True)
 class Adapter:
-    """family: a short name; block_lists: attribute names of the block ModuleLists, in call order."""
+    """family: a short name; block_lists: attribute names of the block ModuleLists, in call order;
+    text_arg: the transformer's text-embedding argument, whose identity names a CFG branch when the
+    pipeline sets no cache_context (None: never infer branches, e.g. batched CFG)."""
 
     family: str
     block_lists: tuple[str, ...]
+    text_arg: str | None = "encoder_hidden_states"
 
     def blocks(self, transformer: nn.Module) -> list[nn.Module]:
         out: list[nn.Module] = []
         for name in self.block_lists:
             out.extend(getattr(transformer, name))
         return out
+
+
+    def stacks(self, transformer: nn.Module) -> list[list[nn.Module]]:
+        """Block lists merged into stacks of blocks sharing one calling convention."""
+        out: list[list[nn.Module]] = []
+        last_io = None
+        for name in self.block_lists:
+            blocks = list(getattr(transformer, name))
+            io = block_io(blocks[0])
+            if out and io == last_io:
+                out[-1].extend(blocks)
+            else:
+                out.append(blocks)
+            last_io = io
+        return out
+
+
+@dataclass(frozen=True)
+class BlockIO:
+    """How a block is called and what it returns: the image stream ("hidden") and, for dual-stream
+    blocks, the text stream ("encoder"). Indices are positions in the returned tuple; None when the
+    block returns a single tensor or does not carry that stream."""
+
+    hidden_arg: str = "hidden_states"
+    encoder_arg: str | None = "encoder_hidden_states"
+    return_hidden: int | None = 0
+    return_encoder: int | None = None
+
+    def inputs(self, block: nn.Module, args: tuple, kwargs: dict):
+        """(hidden, encoder or None) from a call's arguments."""
+        names = _param_names(type(block))
+        def get(name):
+            if name is None:
+                return None
+            if name in kwargs:
+                return kwargs[name]
+            i = names.index(name) if name in names else None
+            return args[i] if i is not None and i < len(args) else None
+        return get(self.hidden_arg), get(self.encoder_arg)
+
+    def outputs(self, output):
+        """(hidden, encoder or None) from a call's return value."""
+        if isinstance(output, torch.Tensor):
+            return output, None
+        enc = output[self.return_encoder] if self.return_encoder is not None else None
+        return output[self.return_hidden or 0], enc
+
+    def pack(self, hidden, encoder):
+        """A return value in the block's own format."""
+        if self.return_encoder is None:
+            return hidden
+        out = [None, None]
+        out[self.return_hidden or 0], out[self.return_encoder] = hidden, encoder
+        return tuple(out)
+
+
+_PARAM_NAMES: dict[type, list[str]] = {}
+
+
+def _param_names(cls: type) -> list[str]:
+    if cls not in _PARAM_NAMES:
+        _PARAM_NAMES[cls] = list(inspect.signature(cls.forward).parameters)[1:]
+    return _PARAM_NAMES[cls]
+
+
+_BLOCK_IO: dict[str, BlockIO] = {}
+
+
+def register_block_io(block_class_name: str, io: BlockIO) -> None:
+    """Declare how blocks of a class are called, where diffusers' own registry does not (or is wrong)."""
+    _BLOCK_IO[block_class_name] = io
+
+
+def block_io(block: nn.Module) -> BlockIO:
+    """Our declaration, else diffusers' TransformerBlockRegistry, else the single-stream default."""
+    name = type(block).__name__
+    if name in _BLOCK_IO:
+        return _BLOCK_IO[name]
+    from diffusers.hooks._helpers import TransformerBlockRegistry
+
+    TransformerBlockRegistry._register()
+    meta = TransformerBlockRegistry._registry.get(type(block))
+    params = _param_names(type(block))
+    if meta is None:
+        enc = "encoder_hidden_states" if "encoder_hidden_states" in params else None
+        return BlockIO(params[0], enc, 0, None)
+    enc_arg = meta.encoder_hidden_states_argument_name if meta.encoder_hidden_states_argument_name in params else None
+    hidden_arg = meta.hidden_states_argument_name if meta.hidden_states_argument_name in params else params[0]
+    return BlockIO(hidden_arg, enc_arg, meta.return_hidden_states_index, meta.return_encoder_hidden_states_index)
 
 
 _ADAPTERS: dict[str, Adapter] = {}
@@ -64,6 +164,14 @@ for _cls, _adapter in {
     "QwenImageTransformer2DModel": Adapter("qwenimage", ("transformer_blocks",)),
     "WanTransformer3DModel": Adapter("wan", ("blocks",)),
     "SD3Transformer2DModel": Adapter("sd3", ("transformer_blocks",)),
-    "ZImageTransformer2DModel": Adapter("zimage", ("layers",)),
+    "ZImageTransformer2DModel": Adapter("zimage", ("layers",), text_arg=None),
 }.items():
     register_adapter(_cls, _adapter)
+
+for _cls, _io in {
+    "ChromaTransformerBlock": BlockIO("hidden_states", "encoder_hidden_states", 1, 0),
+    "ChromaSingleTransformerBlock": BlockIO("hidden_states", None, 0, None),
+    "Lumina2TransformerBlock": BlockIO("hidden_states", None, 0, None),
+    "ZImageTransformerBlock": BlockIO("x", None, 0, None),
+}.items():
+    register_block_io(_cls, _io)

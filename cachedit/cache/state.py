@@ -1,0 +1,79 @@
+"""Per-call cache state, one per diffusers cache context ("cond", "uncond", ...) and block stack.
+
+Pipelines name their transformer calls with `transformer.cache_context(name)`; a
+`ContextStates` (a diffusers `StateManager`) keeps one `CallState` per name, so the conditional
+and unconditional branches of classifier-free guidance never share residuals. Calls made
+outside any context (a transformer called directly) use the context "default".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from diffusers.hooks.hooks import BaseState, StateManager
+
+from .calibrators import Calibrator, make_calibrator
+
+DEFAULT_CONTEXT = "default"
+
+
+@dataclass
+class CallState(BaseState):
+    """Everything one context remembers during one pipeline call."""
+
+    calibrator: str | None = None
+    order: int = 1
+    step: int = -1
+    num_steps: int | None = None
+    mask: tuple[int, ...] | None = None
+    cached_steps: list[int] = field(default_factory=list)
+    diffs: dict[int, float] = field(default_factory=dict)
+    accumulated_diff: float = 0.0
+    continuous: int = 0
+    blocks_computed: int = 0
+    blocks_total: int = 0
+    pruned: dict[int, list[int]] = field(default_factory=dict)  # DBPrune: step -> skipped block ids
+    # tensors
+    fn_residual: torch.Tensor | None = None  # Fn blocks' residual at the last computed step
+    hidden_in: torch.Tensor | None = None  # this step's stack input
+    middle_in: tuple | None = None  # this step's (hidden, encoder) into the first middle block
+    skipping: bool = False
+    hidden_residual: Calibrator | None = None
+    encoder_residual: Calibrator | None = None
+    block_inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # DBPrune
+    block_residuals: dict[int, tuple] = field(default_factory=dict)  # DBPrune
+
+    def __post_init__(self) -> None:
+        self.hidden_residual = make_calibrator(self.calibrator, self.order)
+        self.encoder_residual = make_calibrator(self.calibrator, self.order)
+
+    def reset(self) -> None:
+        self.__init__(self.calibrator, self.order)
+
+    def report(self) -> dict:
+        return {"steps": self.step + 1, "cached_steps": list(self.cached_steps),
+                "residual_diffs": {k: round(v, 6) for k, v in self.diffs.items()},
+                "pruned_blocks": {k: list(v) for k, v in self.pruned.items()},
+                "blocks_computed": self.blocks_computed, "blocks_total": self.blocks_total}
+
+
+class ContextStates(StateManager):
+    """A StateManager that falls back to the "default" context instead of raising."""
+
+    def get_state(self) -> CallState:
+        name = self._context.name if self._context is not None else DEFAULT_CONTEXT
+        if name not in self._state_cache:
+            self._state_cache[name] = self._state_cls(*self._init_args, **self._init_kwargs)
+        return self._state_cache[name]
+
+    @property
+    def context_info(self):
+        return self._context
+
+    def reports(self) -> dict[str, dict]:
+        return {name: state.report() for name, state in self._state_cache.items()}
+
+    def reset(self, *args, **kwargs) -> None:
+        self._state_cache.clear()
+        self._context = None
