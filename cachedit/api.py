@@ -12,7 +12,7 @@ from diffusers.hooks import ModelHook
 
 from . import hooks
 from .adapters import Adapter, adapter_for, transformers_of
-from .attention import AttentionRouter, select_kernel
+from .attention import TORCH_SDPA, AttentionRouter, select_kernel
 from .cache.dbcache import apply_cache, remove_cache
 from .backend import Backend
 from .config import CacheConfig, CompileConfig, CompileTarget, ParallelConfig, QuantConfig, coerce
@@ -110,6 +110,19 @@ def _validate(pipe, backend: Backend, cache, parallel, quantize, compile_cfg, at
     return adapters
 
 
+def _attention_modules(transformer: nn.Module) -> list[nn.Module]:
+    """Where the router is active: each attention module (diffusers attention modules carry a
+    `processor`), so the per-op cost of the mode is paid inside attention only."""
+    found = [m for m in transformer.modules() if hasattr(m, "processor") and m is not transformer]
+    return found or [transformer]
+
+
+def _invalidate_registry_cache(transformer: nn.Module) -> None:
+    """diffusers caches which children carry hooks; cache_context must see the current ones."""
+    if hasattr(transformer, "_diffusers_hook"):
+        transformer._diffusers_hook.invalidate_child_registries_cache()
+
+
 def accelerate(pipe, device: str = "auto", cache=None, parallel=None, quantize=None, compile=None,
                attention: str | None = None):
     """Make `pipe` faster in place and return it. Raises ValueError, with `pipe` untouched, on bad input."""
@@ -127,9 +140,11 @@ def accelerate(pipe, device: str = "auto", cache=None, parallel=None, quantize=N
     try:
         kernels = manager().attention_kernels(backend)
         for name, transformer in transformers_of(pipe).items():
-            router = AttentionRouter(kernels, attention)
-            hooks.attach(transformer, AttentionHook(router), ATTENTION_HOOK)
-            state.routers[name] = router
+            if attention != TORCH_SDPA.name:  # torch_sdpa is the op diffusers calls: nothing to route
+                router = AttentionRouter(kernels, attention)
+                for module in _attention_modules(transformer):
+                    hooks.attach(module, AttentionHook(router), ATTENTION_HOOK)
+                state.routers[name] = router
             if compile_cfg is not None:
                 target = CompileTarget("transformer_block", adapters[name].family, compile_cfg)
                 state.compile_options = manager().compile_options(backend, target)
@@ -139,8 +154,7 @@ def accelerate(pipe, device: str = "auto", cache=None, parallel=None, quantize=N
             if cache_cfg is not None:
                 state.caches[name] = apply_cache(transformer, adapters[name], cache_cfg,
                                                  functools.partial(_num_steps, pipe))
-            # diffusers caches which children carry hooks; cache_context must see the new ones.
-            transformer._diffusers_hook.invalidate_child_registries_cache()
+            _invalidate_registry_cache(transformer)
     except BaseException:
         disable(pipe)
         raise
@@ -157,10 +171,10 @@ def disable(pipe):
     for block in state.compiled:
         hooks.detach(block, COMPILE_HOOK)
     for name in state.routers:
-        transformer = getattr(pipe, name)
-        hooks.detach(transformer, ATTENTION_HOOK)
-        if hasattr(transformer, "_diffusers_hook"):
-            transformer._diffusers_hook.invalidate_child_registries_cache()
+        for module in _attention_modules(getattr(pipe, name)):
+            hooks.detach(module, ATTENTION_HOOK)
+    for transformer in transformers_of(pipe).values():
+        _invalidate_registry_cache(transformer)
     delattr(pipe, STATE_ATTR)
     return pipe
 
@@ -215,7 +229,8 @@ def summary(pipe) -> dict[str, Any]:
         "plugin": state.backend.plugin,
         "families": {n: a.family for n, a in state.adapters.items()},
         "attention": {"requested": state.attention or "auto",
-                      "kernels": {n: sorted({k.name for k in r.chosen.values()}) for n, r in state.routers.items()},
+                      "kernels": {n: sorted({k.name for k in state.routers[n].chosen.values()})
+                                  if n in state.routers else [TORCH_SDPA.name] for n in state.adapters},
                       "eager_calls": {n: dict(r.calls) for n, r in state.routers.items()}},
         "compile": None if state.compile is None else {"blocks": len(state.compiled), **state.compile_options},
         "cache": None if state.cache is None else {

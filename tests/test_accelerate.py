@@ -151,10 +151,16 @@ def test_features_of_later_issues_refuse_cleanly(feature, kwargs):
 
 
 def test_compile_per_block_with_cpu_inductor():
+    import torch._dynamo.utils as dynamo_utils
+
     pipe = tiny_pipeline("flux")
     before = _run(pipe, "flux")
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
     cachedit.accelerate(pipe, device="cpu_ref", compile=True)
     during = _run(pipe, "flux")
+    assert dict(dynamo_utils.counters["graph_break"]) == {}, "the attention router broke the block graphs"
+    assert cachedit.summary(pipe)["attention"]["kernels"] == {"transformer": ["math"]}
     info = cachedit.summary(pipe)["compile"]
     assert info["blocks"] == 4 and info["backend"] == "inductor"
     assert (during - before).abs().max().item() <= ROUTED_ATOL

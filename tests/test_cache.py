@@ -235,3 +235,30 @@ def test_matches_cache_dit_pattern_and_outputs():
         out = ours(prompt=PROMPT, **{**kwargs, "generator": torch.Generator().manual_seed(0)})[0]
         assert _contexts(ours)["cond"]["cached_steps"] == list(peer_steps), threshold
         assert (out - peer_out).abs().max().item() <= 1e-5, threshold
+
+
+def _decisions_on_rank(rank, world, reduce):
+    import cachedit as cd
+    from cachedit.plugins import manager
+    from cachedit.testing.tiny import tiny_call_kwargs as kw, tiny_pipeline as tp
+
+    pipe = tp("flux")
+    cd.accelerate(pipe, device="cpu_ref", cache=dict(residual_diff_threshold=0.3, warmup_steps=1))
+    if reduce:  # what a parallel plan installs: the statistic averaged over its ranks
+        comm = manager().communicator(manager().backends["cpu_ref"], None)
+        for cache in pipe._cachedit_state.caches["transformer"]:
+            cache.reduce = lambda stats: comm.all_reduce(stats, "avg")
+    prompts = ["a photo of a cat", "a red monkey eating a burger"]  # each rank sees different activations
+    pipe(prompt=prompts[rank], **kw("flux", num_inference_steps=12))
+    contexts = cd.summary(pipe)["cache"]["transformer"]["stacks"][0]["contexts"]
+    return {name: (r["cached_steps"], r["residual_diffs"]) for name, r in contexts.items()}
+
+
+def test_decisions_are_agreed_across_ranks():
+    from cachedit.testing.distributed import run_distributed
+
+    agreed = run_distributed(_decisions_on_rank, 2, args=(True,))
+    assert agreed[0] == agreed[1]  # same cached steps and the same (reduced) statistic on every rank
+    alone = run_distributed(_decisions_on_rank, 2, args=(False,))
+    assert alone[0] != alone[1], "without the reduction each rank measures its own statistic"
+    assert any(steps for steps, _ in agreed[0].values())

@@ -1,0 +1,100 @@
+"""A small, *really trained* FLUX pipeline for caching research and tests.
+
+Random-weight tiny pipelines (:mod:`cachedit.testing.tiny`) exercise code paths, but their denoising trajectories are
+meaningless: every step differs from the previous one about as much as two random vectors, so caching heuristics
+(first-block residual thresholds, TeaCache, ...) cannot be evaluated on them. The reference model shipped in
+``cachedit/testing/reference_model/`` is a standard :class:`diffusers.FluxPipeline` whose
+``FluxTransformer2DModel`` was trained with rectified flow matching on scikit-learn's bundled handwritten digits
+(``sklearn.datasets.load_digits``: 1797 images of 8x8 pixels, 16 gray levels), conditioned on the prompts
+``"a handwritten digit 0"`` ... ``"a handwritten digit 9"`` (see :func:`digit_prompt`) through the pipeline's own
+tokenizers and (frozen, random) CLIP / T5 text encoders. Every FLUX adapter applies to it unchanged.
+
+* images: 32x32 RGB (gray digits: the 8x8 digits upsampled bilinearly, white ink on black), values in [0, 1] with
+  ``output_type="pt"``;
+* VAE: a small ``AutoencoderKL`` trained for reconstruction (scale factor 2, 4 latent channels): 16x16x4 latents,
+  packed 2x2 into 64 image tokens of 16 channels;
+* transformer: ``FluxTransformer2DModel`` with 2 double-stream + 6 single-stream blocks, 4 heads of dim 32, no guidance
+  embedding; text: 24 T5 tokens (``max_sequence_length=24``) + the pooled CLIP embedding;
+* scheduler: ``FlowMatchEulerDiscreteScheduler`` with ``shift=1.0`` and no dynamic shifting (the pipeline's ``mu`` is
+  ignored), as in training;
+* trained with 10% prompt dropout to the empty prompt, so true classifier-free guidance (``negative_prompt=""``,
+  ``true_cfg_scale > 1``) works too.
+
+Reproduce with ``python scripts/train_reference.py --out cachedit/testing/reference_model``.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import diffusers
+import torch
+
+__all__ = [
+    "REFERENCE_MODEL_DIR",
+    "digit_features",
+    "digit_images",
+    "digit_prompt",
+    "reference_call_kwargs",
+    "reference_pipeline",
+]
+
+REFERENCE_MODEL_DIR: pathlib.Path = pathlib.Path(__file__).resolve().parent / "reference_model"
+
+IMAGE_SIZE = 32  # pixels; the 8x8 digits are upsampled 4x
+MAX_SEQUENCE_LENGTH = 24  # "a handwritten digit 7" is 19 tokens with the tiny T5 tokenizer
+
+
+def digit_prompt(d: int) -> str:
+    """The prompt the reference model was trained on for digit ``d`` (0-9): ``"a handwritten digit 7"``."""
+    if not 0 <= int(d) <= 9:
+        raise ValueError(f"digit must be in 0..9, got {d!r}")
+    return f"a handwritten digit {int(d)}"
+
+
+def reference_pipeline(dtype: torch.dtype = torch.float32, path: str | pathlib.Path | None = None) -> diffusers.FluxPipeline:
+    """Loads the shipped reference pipeline (offline, on CPU, progress bar disabled)."""
+    pipe = diffusers.FluxPipeline.from_pretrained(
+        str(path or REFERENCE_MODEL_DIR), torch_dtype=dtype, local_files_only=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def reference_call_kwargs(num_inference_steps: int = 28, seed: int = 0) -> dict:
+    """Keyword arguments (besides the prompt) for a deterministic sample of the reference pipeline.
+
+    No classifier-free guidance (one transformer call per step): the conditional model alone gives clean digits.
+    Add ``negative_prompt=""`` and ``true_cfg_scale=...`` for true CFG (two calls per step).
+    """
+    return dict(
+        height=IMAGE_SIZE,
+        width=IMAGE_SIZE,
+        guidance_scale=1.0,  # no guidance embedding: ignored by the transformer
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+        num_inference_steps=num_inference_steps,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        output_type="pt",
+    )
+
+
+def digit_images(size: int = IMAGE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training data: ``load_digits`` as (N, 3, size, size) float32 images in [-1, 1] (gray, replicated to RGB,
+    upsampled bilinearly) and the (N,) int64 labels."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0  # (N, 1, 8, 8) in [0, 1]
+    if size != 8:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = (x * 2 - 1).clamp(-1, 1).expand(-1, 3, -1, -1).contiguous()
+    return x, torch.tensor(data.target, dtype=torch.int64)
+
+
+def digit_features(images: torch.Tensor) -> torch.Tensor:
+    """(N, 64) features on load_digits' scale (0..16) from images in [0, 1] (pipeline ``output_type="pt"``):
+    channel mean, average-pooled to 8x8. Applied to :func:`digit_images` (mapped to [0, 1]) it recovers about the
+    original digits, so a classifier trained on its output of the data set classifies generated images."""
+    x = images.float().mean(dim=1, keepdim=True)
+    x = torch.nn.functional.adaptive_avg_pool2d(x, (8, 8))
+    return (x * 16.0).flatten(1)
