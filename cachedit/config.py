@@ -35,7 +35,6 @@ def _check_choice(cls: str, name: str, value: Any, allowed: tuple) -> None:
 
 
 CACHE_MODES = ("dbcache", "dbprune")
-CALIBRATORS = (None, "taylorseer", "foca")
 MASK_POLICIES = ("slow", "medium", "fast", "ultra")
 MASK_MODES = ("dynamic", "static")
 
@@ -79,7 +78,9 @@ class CacheConfig:
                 isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.protected_blocks):
             _fail(n, "protected_blocks", self.protected_blocks, "a tuple of block indices >= 0")
         object.__setattr__(self, "protected_blocks", tuple(sorted(set(self.protected_blocks))))
-        _check_choice(n, "calibrator", self.calibrator, CALIBRATORS)
+        from .cache.calibrators import CALIBRATORS  # the live registry: users may add their own
+
+        _check_choice(n, "calibrator", self.calibrator, tuple(CALIBRATORS))
         _check_int(n, "taylorseer_order", self.taylorseer_order, 1)
         if self.calibrator is not None and self.mode != "dbcache":
             _fail(n, "calibrator", self.calibrator, "None when mode='dbprune' (calibrators forecast the DBCache residual)")

@@ -262,3 +262,34 @@ def test_decisions_are_agreed_across_ranks():
     alone = run_distributed(_decisions_on_rank, 2, args=(False,))
     assert alone[0] != alone[1], "without the reduction each rank measures its own statistic"
     assert any(steps for steps, _ in agreed[0].values())
+
+
+def test_user_calibrator_and_adapter_plug_in_without_touching_the_core():
+    from cachedit.adapters import _ADAPTERS, Adapter, register_adapter
+    from cachedit.cache import CALIBRATORS, Calibrator, register_calibrator
+
+    class Halved(Calibrator):
+        """Forecast half the last residual (a deliberately odd policy, to see it used)."""
+
+        def predict(self, step):
+            return self.last * 0.5
+
+    register_calibrator("halved", Halved)
+    saved = _ADAPTERS["FluxTransformer2DModel"]
+    register_adapter("FluxTransformer2DModel", Adapter("flux-single-only", ("single_transformer_blocks",)))
+    try:
+        pipe = tiny_pipeline("flux")
+        cachedit.accelerate(pipe, **EXACT, cache=dict(residual_diff_threshold=ALWAYS, warmup_steps=2,
+                                                      calibrator="halved"))
+        _run(pipe, "flux")
+        info = cachedit.summary(pipe)
+        assert info["families"] == {"transformer": "flux-single-only"}
+        stack = info["cache"]["transformer"]["stacks"]
+        assert len(stack) == 1 and stack[0]["blocks"] == 2 and stack[0]["contexts"]["cond"]["cached_steps"]
+        assert all(not hasattr(b, "_diffusers_hook") or "cachedit.cache" not in b._diffusers_hook.hooks
+                   for b in pipe.transformer.transformer_blocks)
+    finally:
+        register_adapter("FluxTransformer2DModel", saved)
+        CALIBRATORS.pop("halved")
+    with pytest.raises(ValueError, match="CacheConfig.calibrator='halved' is invalid; allowed values: None, "):
+        cachedit.CacheConfig(calibrator="halved")

@@ -86,7 +86,14 @@ class FoCa(Calibrator):
         return corrected
 
 
-CALIBRATORS = {None: Calibrator, "taylorseer": TaylorSeer, "foca": FoCa}
+CALIBRATORS: dict[str | None, type[Calibrator]] = {None: Calibrator, "taylorseer": TaylorSeer, "foca": FoCa}
+
+
+def register_calibrator(name: str, cls: type[Calibrator]) -> None:
+    """Make `CacheConfig(calibrator=name)` use `cls` (a Calibrator subclass constructible with no arguments)."""
+    if not (isinstance(cls, type) and issubclass(cls, Calibrator)):
+        raise TypeError(f"register_calibrator({name!r}, ...) needs a cachedit.cache.Calibrator subclass")
+    CALIBRATORS[name] = cls
 
 
 def make_calibrator(name: str | None, order: int = 1) -> Calibrator:
