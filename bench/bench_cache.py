@@ -1,132 +1,60 @@
-"""Cache benchmark: uncached vs cached side by side in one run, on one model, prompts and seeds.
+"""Cache benchmark: uncached vs cachedit configurations side by side in one run.
 
-    python bench/bench_cache.py [--model reference|tiny] [--steps 28] [--repeats 3] [--out bench/out]
+    python bench/bench_cache.py [--model reference|tiny|FOLDER] [--steps 28] [--repeats 3] [--out bench/out/cache]
 
-For each configuration: the fraction of block computations done (its inverse is the ideal
-speedup), the measured speedup of the transformer calls and of the whole pipeline call, their
-ratio to the ideal, and PSNR against the uncached output. Prints a markdown table and writes
-cache.json and cache.md.
+Reports, per configuration, the fraction of block computations done (its inverse is the
+ideal speedup), the measured speedup of the transformer calls, their ratio (measured / ideal),
+the pipeline speedup and PSNR / SSIM against uncached. `cachedit bench` adds the peers.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
-import cachedit
+from cachedit.benchmark import Method, _cachedit, model_and_call, run_bench
 
 CONFIGS = {
-    "uncached": None,
     "F1B0 t=0.05": dict(Fn=1, Bn=0, residual_diff_threshold=0.05, warmup_steps=4),
     "F1B0 t=0.10": dict(Fn=1, Bn=0, residual_diff_threshold=0.10, warmup_steps=4),
-    "F1B0 t=0.20": dict(Fn=1, Bn=0, residual_diff_threshold=0.20, warmup_steps=4),
     "F1B0 t=0.20 mc3": dict(Fn=1, Bn=0, residual_diff_threshold=0.20, warmup_steps=4, max_continuous_cached_steps=3),
-    "F1B0 t=0.20 TaylorSeer": dict(Fn=1, Bn=0, residual_diff_threshold=0.20, warmup_steps=4, calibrator="taylorseer"),
-    "F1B0 t=0.20 FoCa": dict(Fn=1, Bn=0, residual_diff_threshold=0.20, warmup_steps=4, calibrator="foca"),
+    "F1B0 t=0.20 mc3 TaylorSeer": dict(Fn=1, Bn=0, residual_diff_threshold=0.20, warmup_steps=4,
+                                       max_continuous_cached_steps=3, calibrator="taylorseer"),
     "static mask fast": dict(Fn=1, Bn=0, residual_diff_threshold=0, warmup_steps=0, steps_mask="fast",
                              mask_mode="static"),
+    "static mask ultra": dict(Fn=1, Bn=0, residual_diff_threshold=0, warmup_steps=0, steps_mask="ultra",
+                              mask_mode="static"),
 }
-
-
-def load(model: str):
-    if model == "reference":
-        from cachedit.testing.reference import reference_call_kwargs, reference_pipeline
-
-        return reference_pipeline(), lambda steps, seed: reference_call_kwargs(steps, seed), "a handwritten digit {}"
-    from cachedit.testing.tiny import tiny_call_kwargs, tiny_pipeline
-
-    return tiny_pipeline("flux"), lambda steps, seed: tiny_call_kwargs("flux", num_inference_steps=steps,
-                                                                       seed=seed), "a photo of a cat {}"
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = torch.mean((a.double().clamp(0, 1) - b.double().clamp(0, 1)) ** 2).item()
-    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
-
-
-class TransformerTimer:
-    """Wall time spent inside the transformer's forward (hooks, not patching)."""
-
-    def __init__(self, transformer):
-        self.total = 0.0
-        transformer.register_forward_pre_hook(self._start)
-        transformer.register_forward_hook(self._stop)
-
-    def _start(self, *_):
-        self.t0 = time.perf_counter()
-
-    def _stop(self, *_):
-        self.total += time.perf_counter() - self.t0
-
-
-def run(model: str, steps: int, repeats: int, prompts: list[int]) -> list[dict]:
-    pipe, call_kwargs, template = load(model)
-    timer = TransformerTimer(pipe.transformer)
-    rows, reference = [], {}
-    for name, config in CONFIGS.items():
-        if config is not None:
-            cachedit.accelerate(pipe, device="cpu_ref", attention="torch_sdpa", cache=config)
-        pipe(prompt=template.format(prompts[0]), **call_kwargs(steps, 0))  # warm up
-        wall, inner, quality, fractions = [], [], [], []
-        for p in prompts:
-            for r in range(repeats):
-                timer.total = 0.0
-                start = time.perf_counter()
-                out = pipe(prompt=template.format(p), **call_kwargs(steps, p))[0]
-                wall.append(time.perf_counter() - start)
-                inner.append(timer.total)
-            if config is None:
-                reference[p] = out
-            else:
-                quality.append(psnr(out, reference[p]))
-                fractions.append(cachedit.summary(pipe)["cache"]["transformer"]["computed_fraction"])
-        if config is not None:
-            cachedit.disable(pipe)
-        rows.append({"config": name, "settings": config, "wall_s": statistics.median(wall),
-                     "transformer_s": statistics.median(inner),
-                     "computed_fraction": statistics.mean(fractions) if fractions else 1.0,
-                     "psnr_db": statistics.mean(quality) if quality else float("inf")})
-    base = rows[0]
-    for row in rows:
-        row["ideal_speedup"] = 1.0 / row["computed_fraction"]
-        row["speedup"] = base["wall_s"] / row["wall_s"]
-        row["transformer_speedup"] = base["transformer_s"] / row["transformer_s"]
-        row["transformer_speedup_over_ideal"] = row["transformer_speedup"] / row["ideal_speedup"]
-    return rows
-
-
-def table(rows: list[dict]) -> str:
-    head = "| config | computed | ideal x | transformer x | measured/ideal | pipeline x | PSNR dB |"
-    lines = [head, "|" + "---|" * 7]
-    for r in rows:
-        lines.append(f"| {r['config']} | {r['computed_fraction']:.2f} | {r['ideal_speedup']:.2f} | "
-                     f"{r['transformer_speedup']:.2f} | {r['transformer_speedup_over_ideal']:.2f} | "
-                     f"{r['speedup']:.2f} | {r['psnr_db']:.1f} |")
-    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", choices=["reference", "tiny"], default="reference")
+    parser.add_argument("--model", default="reference")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--prompts", type=int, nargs="+", default=[3, 7])
-    parser.add_argument("--out", default="bench/out")
+    parser.add_argument("--out", default="bench/out/cache")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rows = run(args.model, args.steps, args.repeats, args.prompts)
+    load, call, prompts = model_and_call(args.model)
+    methods = [Method("uncached", "uncached", lambda p: None, lambda p: None)]
+    methods += [_cachedit(name, **cfg) for name, cfg in CONFIGS.items()]
+    rows = run_bench(load, call, prompts[:3], args.steps, args.repeats, methods=methods, log=lambda *a: None)
+    head = "| config | computed | ideal x (blocks) | transformer x | measured/ideal | pipeline x | PSNR dB | SSIM |"
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        fraction = r["computed_fraction"] or 1.0
+        lines.append(f"| {r['method']} | {fraction:.2f} | {1 / fraction:.2f} | {r['transformer_speedup']:.2f} | "
+                     f"{r['transformer_speedup'] * fraction:.2f} | {r['speedup']:.2f} | {r['psnr_db']:.2f} | "
+                     f"{r['ssim']:.4f} |")
+    text = "\n".join(lines)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"model": args.model, "steps": args.steps, "repeats": args.repeats, "prompts": args.prompts,
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
-    (out / "cache.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    text = table(rows)
-    (out / "cache.md").write_text(f"{meta}\n\n{text}\n")
+    (out / "cache.json").write_text(json.dumps({"model": args.model, "steps": args.steps, "rows": rows}, indent=2,
+                                               default=str))
+    (out / "cache.md").write_text(text + "\n")
     print(text)
 
 

@@ -1,4 +1,4 @@
-"""`cachedit backends | conformance | demo`: the command line."""
+"""`cachedit backends | generate | bench | conformance | demo`: the command line."""
 
 from __future__ import annotations
 
@@ -49,6 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--out", default="out/demo")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("generate", help="generate one image, accelerated, and save it with a JSON record")
+    from .generate import add_arguments, run as run_generate
+
+    add_arguments(p)
+    p.set_defaults(func=run_generate)
+    p = sub.add_parser("bench", help="cache policies and peers side by side: JSON, markdown table, PNG frontier")
+    from .benchmark import add_arguments as bench_arguments, run as run_bench
+
+    bench_arguments(p)
+    p.set_defaults(func=run_bench)
     p = sub.add_parser("conformance", help="run the backend conformance suite against installed backends")
     p.add_argument("--backend", action="append", default=[], help="only this backend (repeatable)")
     p.set_defaults(func=cmd_conformance)
