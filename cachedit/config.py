@@ -154,11 +154,13 @@ class QuantConfig:
     granularity: str = "row"
     weight_only: bool = False
     exclude: tuple[str, ...] = DEFAULT_QUANT_EXCLUDE
+    keep_original: bool = True  # keep float weights on the host so disable() restores them exactly
 
     def __post_init__(self) -> None:
         _check_choice("QuantConfig", "scheme", self.scheme, QUANT_SCHEMES)
         _check_choice("QuantConfig", "granularity", self.granularity, QUANT_GRANULARITIES)
         _check_choice("QuantConfig", "weight_only", self.weight_only, (False, True))
+        _check_choice("QuantConfig", "keep_original", self.keep_original, (False, True))
         if self.weight_only and self.scheme != "int8":
             _fail("QuantConfig", "weight_only", self.weight_only, "True only with scheme='int8'")
         if isinstance(self.exclude, str) or not all(isinstance(p, str) for p in self.exclude):
