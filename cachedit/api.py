@@ -14,6 +14,8 @@ from . import hooks
 from .adapters import Adapter, adapter_for, transformers_of
 from .attention import TORCH_SDPA, AttentionRouter, select_kernel
 from .cache.dbcache import apply_cache, remove_cache
+from .quant.linear import Swapped, apply_quantization, quantizable, remove_quantization, weight_bytes
+from .quant.spec import QuantSpec
 from .backend import Backend
 from .config import CacheConfig, CompileConfig, CompileTarget, ParallelConfig, QuantConfig, coerce
 from .plugins import manager
@@ -65,6 +67,7 @@ class _Applied:
     routers: dict[str, AttentionRouter] = field(default_factory=dict)
     compiled: list[nn.Module] = field(default_factory=list)
     caches: dict[str, list] = field(default_factory=dict)
+    quantized: dict[str, Swapped] = field(default_factory=dict)
     num_steps_override: int | None = None
     compile_options: dict = field(default_factory=dict)
 
@@ -105,8 +108,13 @@ def _validate(pipe, backend: Backend, cache, parallel, quantize, compile_cfg, at
         raise NotImplementedError("parallel= with degrees above 1 is not implemented yet (tracked in the context- "
                                   "and tensor-parallel issues); pass parallel=None")
     if quantize is not None:
-        raise NotImplementedError("quantize= is declared and validated, but quantized linears are not applied yet "
-                                  "(tracked in the accelerator-backends issue); pass quantize=None")
+        spec = QuantSpec.from_config(quantize)
+        if manager().quantized_linear(backend, spec) is None:
+            raise ValueError(f"quantize: backend {backend.name!r} has no quantized linear path for scheme="
+                             f"{spec.scheme!r}, granularity={spec.granularity!r}, weight_only={spec.weight_only}")
+        for name, t in transformers.items():
+            if not quantizable(t, quantize):
+                raise ValueError(f"quantize.exclude={quantize.exclude} leaves no nn.Linear of pipe.{name} to quantize")
     return adapters
 
 
@@ -140,6 +148,9 @@ def accelerate(pipe, device: str = "auto", cache=None, parallel=None, quantize=N
     try:
         kernels = manager().attention_kernels(backend)
         for name, transformer in transformers_of(pipe).items():
+            if quant_cfg is not None:
+                path = manager().quantized_linear(backend, QuantSpec.from_config(quant_cfg))
+                state.quantized[name] = apply_quantization(transformer, quant_cfg, path)
             if attention != TORCH_SDPA.name:  # torch_sdpa is the op diffusers calls: nothing to route
                 router = AttentionRouter(kernels, attention)
                 for module in _attention_modules(transformer):
@@ -166,6 +177,8 @@ def disable(pipe):
     state: _Applied | None = getattr(pipe, STATE_ATTR, None)
     if state is None:
         return pipe
+    for swapped in state.quantized.values():
+        swapped.check_restorable()  # before anything is undone
     for name, caches in state.caches.items():
         remove_cache(getattr(pipe, name), caches)
     for block in state.compiled:
@@ -173,6 +186,8 @@ def disable(pipe):
     for name in state.routers:
         for module in _attention_modules(getattr(pipe, name)):
             hooks.detach(module, ATTENTION_HOOK)
+    for swapped in state.quantized.values():
+        remove_quantization(swapped)
     for transformer in transformers_of(pipe).values():
         _invalidate_registry_cache(transformer)
     delattr(pipe, STATE_ATTR)
@@ -236,5 +251,7 @@ def summary(pipe) -> dict[str, Any]:
         "cache": None if state.cache is None else {
             "config": vars(state.cache), **{n: _cache_report(c) for n, c in state.caches.items()}},
         "parallel": None if state.parallel is None else vars(state.parallel),
-        "quantize": None if state.quantize is None else vars(state.quantize),
+        "quantize": None if state.quantize is None else {
+            **vars(state.quantize), "linears": {n: len(q.places) for n, q in state.quantized.items()},
+            "weight_bytes": {n: weight_bytes(getattr(pipe, n)) for n in state.quantized}},
     }

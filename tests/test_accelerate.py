@@ -140,7 +140,7 @@ def test_kernel_lacking_a_capability_is_a_clear_error(fresh_plugins):
 
 
 @pytest.mark.parametrize("feature,kwargs", [
-    ("parallel", dict(parallel={"ulysses": 2})), ("quantize", dict(quantize=True)),
+    ("parallel", dict(parallel={"tensor": 2})),
 ])
 def test_features_of_later_issues_refuse_cleanly(feature, kwargs):
     pipe = tiny_pipeline("flux")

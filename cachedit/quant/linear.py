@@ -1,0 +1,81 @@
+"""Swap a transformer's linears for quantized ones that run on the backend's path, reversibly.
+
+The quantized weight (one byte per element) and its scale replace the float weight in the
+module tree, so the transformer's own weight memory shrinks. The original `nn.Linear` modules
+are kept, on the host, so that `disable()` restores the model bit for bit; pass
+`QuantConfig(keep_original=False)` to free them (then `disable()` cannot restore and says so).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from ..config import QuantConfig
+from .spec import QuantizedLinearPath
+
+
+class QuantizedLinear(nn.Module):
+    """y = x W^T + b with W stored quantized and the matmul run by a backend's path."""
+
+    def __init__(self, linear: nn.Linear, path: QuantizedLinearPath) -> None:
+        super().__init__()
+        qweight, scale = path.quantize_weight(linear.weight.detach())
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("w_scale", scale)
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.path = path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.path.linear(x, self.qweight, self.w_scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, path={self.path.name}"
+
+
+@dataclass
+class Swapped:
+    """Where each quantized linear went, to put the originals back."""
+
+    places: list[tuple[nn.Module, str, nn.Module | None, torch.device]] = field(default_factory=list)
+
+    def check_restorable(self) -> None:
+        if any(original is None for _, _, original, _ in self.places):
+            raise RuntimeError("disable(): the original weights were freed (QuantConfig.keep_original=False), so "
+                               "the quantized linears cannot be restored; reload the pipeline instead")
+
+
+def quantizable(transformer: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Linear]]:
+    return [(name, m) for name, m in transformer.named_modules()
+            if type(m) is nn.Linear and not config.excludes(name)]
+
+
+def apply_quantization(transformer: nn.Module, config: QuantConfig, path: QuantizedLinearPath) -> Swapped:
+    swapped = Swapped()
+    for name, linear in quantizable(transformer, config):
+        parent_name, _, attr = name.rpartition(".")
+        parent = transformer.get_submodule(parent_name) if parent_name else transformer
+        device = linear.weight.device
+        setattr(parent, attr, QuantizedLinear(linear, path))
+        keep = linear.to("cpu") if config.keep_original else None
+        swapped.places.append((parent, attr, keep, device))
+    return swapped
+
+
+def remove_quantization(swapped: Swapped) -> None:
+    swapped.check_restorable()
+    for parent, attr, original, device in swapped.places:
+        setattr(parent, attr, original.to(device))
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of every parameter and buffer the module tree holds (shared tensors counted once)."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
