@@ -10,12 +10,9 @@ the pipeline speedup and PSNR / SSIM against uncached. `cachedit bench` adds the
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
-
 import torch
 
-from cachedit.benchmark import Method, _cachedit, model_and_call, run_bench
+from cachedit.benchmark import Method, save_table, _cachedit, model_and_call, run_bench
 
 CONFIGS = {
     "F1B0 t=0.05": dict(Fn=1, Bn=0, residual_diff_threshold=0.05, warmup_steps=4),
@@ -49,14 +46,7 @@ def main() -> None:
         lines.append(f"| {r['method']} | {fraction:.2f} | {1 / fraction:.2f} | {r['transformer_speedup']:.2f} | "
                      f"{r['transformer_speedup'] * fraction:.2f} | {r['speedup']:.2f} | {r['psnr_db']:.2f} | "
                      f"{r['ssim']:.4f} |")
-    text = "\n".join(lines)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cache.json").write_text(json.dumps({"model": args.model, "steps": args.steps, "rows": rows}, indent=2,
-                                               default=str))
-    (out / "cache.md").write_text(text + "\n")
-    print(text)
-
+    save_table(args.out, "cache", {"model": args.model, "steps": args.steps, "rows": rows}, "\n".join(lines))
 
 if __name__ == "__main__":
     main()

@@ -10,13 +10,10 @@ here, so latency says nothing about a GPU; quality and memory carry over.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
-
 import torch
 
 import cachedit
-from cachedit.benchmark import Method, model_and_call, run_bench
+from cachedit.benchmark import Method, save_table, model_and_call, run_bench
 from cachedit.quant.linear import weight_bytes
 
 SCHEMES = {
@@ -63,14 +60,7 @@ def main() -> None:
         r["memory_ratio"] = memory[r["method"]] / memory["unquantized"]
         lines.append(f"| {r['method']} | {r['memory_ratio']:.2f} | {r['psnr_db']:.2f} | {r['ssim']:.4f} | "
                      f"{r['latency_s']['p50']:.3f} |")
-    text = "\n".join(lines)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "quant.json").write_text(json.dumps({"model": args.model, "dtype": args.dtype, "rows": rows}, indent=2,
-                                               default=str))
-    (out / "quant.md").write_text(text + "\n")
-    print(text)
-
+    save_table(args.out, "quant", {"model": args.model, "dtype": args.dtype, "rows": rows}, "\n".join(lines))
 
 if __name__ == "__main__":
     main()

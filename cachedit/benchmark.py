@@ -236,6 +236,15 @@ def plot(rows: list[dict], path: Path) -> bool:
     return True
 
 
+def save_table(out: str | Path, stem: str, payload: dict, text: str) -> None:
+    """Write `stem`.json (the payload) and `stem`.md (the table) under `out`, and print the table."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=2, default=str))
+    (out / f"{stem}.md").write_text(text + "\n")
+    print(text)
+
+
 def write(rows: list[dict], out: Path, meta: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
