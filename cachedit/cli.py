@@ -1,4 +1,4 @@
-"""`cachedit backends | generate | bench | conformance | demo`: the command line."""
+"""`cachedit backends | generate | bench | calibrate | conformance | demo`: the command line."""
 
 from __future__ import annotations
 
@@ -32,6 +32,23 @@ def cmd_demo(args) -> int:
     return run_demo(steps=args.steps, out=args.out)
 
 
+def cmd_calibrate(args) -> int:
+    from .benchmark import model_and_call
+    from .cache.calibrate import calibrate
+
+    load, call, prompts = model_and_call(args.model)
+    runs = [dict(prompt=prompts[i % len(prompts)], **call(args.steps, i)) for i in range(args.runs)]
+    options = calibrate(load(), args.policy, runs)
+    text = json.dumps(options, indent=2)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(text)
+    print(text)
+    print(f"use: cache=dict(Fn=0, policy={args.policy!r}, policy_options=<the JSON above>)", file=sys.stderr)
+    return 0
+
+
 def cmd_conformance(args) -> int:
     import pytest
 
@@ -59,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
 
     bench_arguments(p)
     p.set_defaults(func=run_bench)
+    p = sub.add_parser("calibrate", help="fit TeaCache's polynomial or MagCache's ratios from uncached runs")
+    p.add_argument("--model", default="reference", help="'reference', 'tiny' or a pipeline folder")
+    p.add_argument("--policy", choices=["teacache", "magcache"], required=True)
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--runs", type=int, default=4, help="uncached runs (prompts cycle, seeds differ)")
+    p.add_argument("--out", default=None, help="write the options as JSON here")
+    p.set_defaults(func=cmd_calibrate)
     p = sub.add_parser("conformance", help="run the backend conformance suite against installed backends")
     p.add_argument("--backend", action="append", default=[], help="only this backend (repeatable)")
     p.set_defaults(func=cmd_conformance)

@@ -61,10 +61,12 @@ class CacheConfig:
     taylorseer_order: int = 1
     steps_mask: tuple[int, ...] | str | None = None  # explicit 1=compute/0=may cache, or a policy name
     mask_mode: str = "dynamic"  # "static": masked steps always cache; "dynamic": they still check the threshold
+    policy: str = "dbcache"  # the skip signal: dbcache, teacache, magcache, easycache (cachedit.cache.policies)
+    policy_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = "CacheConfig"
-        _check_int(n, "Fn", self.Fn, 1)
+        _check_int(n, "Fn", self.Fn, 0)
         _check_int(n, "Bn", self.Bn, 0)
         _check_number(n, "residual_diff_threshold", self.residual_diff_threshold)
         _check_int(n, "warmup_steps", self.warmup_steps, 0)
@@ -91,6 +93,14 @@ class CacheConfig:
                 _fail(n, "steps_mask", self.steps_mask, f"None, one of {MASK_POLICIES}, or a non-empty sequence of 0/1")
             object.__setattr__(self, "steps_mask", tuple(self.steps_mask))
         _check_choice(n, "mask_mode", self.mask_mode, MASK_MODES)
+        from .cache.policies import POLICIES, make_policy  # the live registry: users may add their own
+
+        _check_choice(n, "policy", self.policy, tuple(POLICIES))
+        if not isinstance(self.policy_options, dict):
+            _fail(n, "policy_options", self.policy_options, "a dict of the policy's options")
+        if self.policy != "dbcache" and self.mode != "dbcache":
+            _fail(n, "policy", self.policy, "'dbcache' when mode='dbprune' (pruning decides per block)")
+        make_policy(self.policy, dict(self.policy_options)).check_config(self)
 
     def check_blocks(self, num_blocks: int) -> None:
         if self.Fn + self.Bn > num_blocks:

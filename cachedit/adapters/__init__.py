@@ -129,6 +129,24 @@ def block_io(block: nn.Module) -> BlockIO:
     return BlockIO(hidden_arg, enc_arg, meta.return_hidden_states_index, meta.return_encoder_hidden_states_index)
 
 
+def modulated_input(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The first block's timestep-modulated input (TeaCache's signal): its AdaLN `norm1` applied to
+    the hidden states with the block's `temb`, for the blocks built that way (FLUX, SD3, Chroma,
+    HunyuanVideo, ...); None for blocks that modulate otherwise."""
+    norm = getattr(block, "norm1", None)
+    names = _param_names(type(block))
+    temb = kwargs.get("temb")
+    if temb is None and "temb" in names and names.index("temb") < len(args):
+        temb = args[names.index("temb")]
+    if norm is None or temb is None:
+        return None
+    try:
+        out = norm(block_io(block).inputs(block, args, kwargs)[0], emb=temb)
+    except TypeError:  # a norm1 that takes no `emb`
+        return None
+    return out[0] if isinstance(out, tuple) else out
+
+
 _ADAPTERS: dict[str, Adapter] = {}
 
 

@@ -22,9 +22,10 @@ from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import CacheContext
 
 from .. import hooks
-from ..adapters import Adapter, BlockIO, _param_names, block_io
+from ..adapters import Adapter, BlockIO, _param_names, block_io, modulated_input
 from ..config import CacheConfig
 from .masks import resolve_mask
+from .policies import Probe, make_policy
 from .state import CallState, ContextStates
 
 HOOK_NAME = "cachedit.cache"
@@ -43,6 +44,8 @@ class StackCache:
         self.num_steps = num_steps
         self.reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # set by parallel plans
         self.states = ContextStates(CallState, (config.calibrator, config.taylorseer_order))
+        self.policy = make_policy(config.policy, dict(config.policy_options))
+        self.modulated_input: Callable | None = None  # set from the adapter when the policy needs it
         self.last_call: dict[str, dict] = {}  # reports of the last finished call, per context
 
     # -- step bookkeeping ----------------------------------------------------------------------
@@ -119,14 +122,33 @@ class StackCache:
         self.states.reset()
 
     # -- the block call ------------------------------------------------------------------------
+    def decide(self, st: CallState, hidden: torch.Tensor, encoder: torch.Tensor | None) -> Probe:
+        """At the first cacheable block's entry: skip the cacheable blocks this step, or not."""
+        modulated = None
+        if self.policy.needs_modulated_input and self.modulated_input is not None:
+            modulated = self.modulated_input(*st.block0)
+        probe = Probe(st.hidden_in, hidden, modulated)
+        self.policy.observe(self, st, probe)
+        verdict = self.allowed(st)
+        if verdict is None:
+            verdict = self.policy.skip(self, st, probe)
+        if verdict and self._fits(st, hidden, encoder):
+            st.skipping = True
+            self.record_cached(st)
+        return probe
+
     def run_block(self, index: int, forward, module, args, kwargs):
         st: CallState = self.states.get_state()
         if index == 0:
             self.begin_step(st)
             st.hidden_in = self.io.inputs(module, args, kwargs)[0]
+            st.block0 = (module, args, kwargs)
         if self.config.mode == "dbprune":
             return self._run_pruned(st, index, forward, module, args, kwargs)
         middle = self.first_middle <= index <= self.last_middle
+        if index == self.first_middle and middle:
+            st.middle_in = self.io.inputs(module, args, kwargs)
+            st.probe = self.decide(st, *st.middle_in)
         if middle and st.skipping:
             hidden, encoder = self.io.inputs(module, args, kwargs)
             if index == self.last_middle:
@@ -134,25 +156,14 @@ class StackCache:
                 if encoder is not None and self.io.return_encoder is not None and st.encoder_residual.last is not None:
                     encoder = encoder + st.encoder_residual.predict(st.step)
             return self.io.pack(hidden, encoder)
-        if index == self.first_middle:
-            st.middle_in = self.io.inputs(module, args, kwargs)
         out = forward(*args, **kwargs)
         st.blocks_computed += 1
-        if index == self.config.Fn - 1:
-            residual = self.io.outputs(out)[0] - st.hidden_in
-            verdict = self.allowed(st) if self.first_middle <= self.last_middle else False
-            if verdict is None:
-                verdict = self.similar(st, st.fn_residual, residual)
-            if verdict and self._fits(st, residual, self.io.outputs(out)[1]):
-                st.skipping = True
-                self.record_cached(st)
-            else:
-                st.fn_residual = residual
-        if index == self.last_middle and not st.skipping and self.first_middle <= self.last_middle:
+        if index == self.last_middle and middle:
             hidden, encoder = self.io.outputs(out)
             st.hidden_residual.update(st.step, hidden - st.middle_in[0])
             if encoder is not None and st.middle_in[1] is not None and self.io.return_encoder is not None:
                 st.encoder_residual.update(st.step, encoder - st.middle_in[1])
+            self.policy.computed(self, st, st.probe, hidden)
         return out
 
     def _run_pruned(self, st: CallState, index: int, forward, module, args, kwargs):
@@ -238,6 +249,7 @@ def apply_cache(transformer: nn.Module, adapter: Adapter, config: CacheConfig, n
     caches = []
     for blocks in stacks:
         cache = StackCache(config, blocks, num_steps)
+        cache.modulated_input = modulated_input
         for i, block in enumerate(blocks):
             hooks.attach(block, BlockCacheHook(cache, i), HOOK_NAME)
         caches.append(cache)

@@ -35,10 +35,12 @@ class CallState(BaseState):
     blocks_total: int = 0
     pruned: dict[int, list[int]] = field(default_factory=dict)  # DBPrune: step -> skipped block ids
     # tensors
-    fn_residual: torch.Tensor | None = None  # Fn blocks' residual at the last computed step
+    memo: dict = field(default_factory=dict)  # the policy's memory (see policies.py)
+    block0: tuple | None = None  # this step's first block call (module, args, kwargs), for modulated inputs
     hidden_in: torch.Tensor | None = None  # this step's stack input
     middle_in: tuple | None = None  # this step's (hidden, encoder) into the first middle block
     skipping: bool = False
+    probe: object = None  # this step's policy probe
     hidden_residual: Calibrator | None = None
     encoder_residual: Calibrator | None = None
     block_inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # DBPrune

@@ -1,0 +1,93 @@
+"""Fit the per-model data that TeaCache and MagCache need, from a few uncached runs.
+
+    options = calibrate(pipe, "teacache", runs)   # {"coefficients": [...]}: rescaling polynomial, degree 4
+    options = calibrate(pipe, "magcache", runs)   # {"mag_ratios": [...]}: one ratio per step
+
+`runs` is a list of pipeline-call keyword dicts (prompt, steps, seed ...). Nothing is patched:
+plain forward hooks on the first and last block of the transformer's first stack record each
+step's input, timestep-modulated input and output; CFG branches are kept apart by the text
+embedding tensor each transformer call passes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..adapters import adapter_for, block_io, modulated_input
+
+
+def _relative_l1(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().mean() / a.float().abs().mean()).item()
+
+
+def record(pipe, runs: list[dict]) -> list[list[dict]]:
+    """Per run and CFG branch, the list of steps: {"input", "modulated", "output"} tensors."""
+    transformer = pipe.transformer
+    blocks = adapter_for(transformer).stacks(transformer)[0]
+    io_first, io_last = block_io(blocks[0]), block_io(blocks[-1])
+    branch, step = {}, {}
+
+    def on_call(module, args, kwargs):
+        text = kwargs.get("encoder_hidden_states")
+        branch["key"] = text.data_ptr() if isinstance(text, torch.Tensor) else 0
+
+    def on_first(module, args, kwargs):
+        step["input"] = io_first.inputs(module, args, kwargs)[0].detach().clone()
+        mod = modulated_input(module, args, kwargs)
+        step["modulated"] = mod.detach().clone() if mod is not None else step["input"]
+
+    def on_last(module, args, kwargs, output):
+        step["output"] = io_last.outputs(output)[0].detach().clone()
+        branches.setdefault(branch["key"], []).append(dict(step))
+
+    handles = [transformer.register_forward_pre_hook(on_call, with_kwargs=True),
+               blocks[0].register_forward_pre_hook(on_first, with_kwargs=True),
+               blocks[-1].register_forward_hook(on_last, with_kwargs=True)]
+    recorded = []
+    try:
+        for kwargs in runs:
+            branches: dict = {}
+            with torch.no_grad():
+                pipe(**kwargs)
+            recorded.extend(branches.values())
+    finally:
+        for h in handles:
+            h.remove()
+    return recorded
+
+
+def teacache_coefficients(recorded: list[list[dict]], degree: int = 4) -> list[float]:
+    """Fit output-residual change as a polynomial of modulated-input change, over consecutive steps."""
+    xs, ys = [], []
+    for steps in recorded:
+        for prev, cur in zip(steps, steps[1:]):
+            if prev["modulated"].shape != cur["modulated"].shape:
+                continue
+            xs.append(_relative_l1(prev["modulated"], cur["modulated"]))
+            ys.append(_relative_l1(prev["output"] - prev["input"], cur["output"] - cur["input"]))
+    if len(xs) <= degree:
+        raise ValueError(f"teacache calibration needs more than {degree} step pairs, recorded {len(xs)}")
+    return [float(c) for c in np.polyfit(xs, ys, degree)]
+
+
+def mag_ratios(recorded: list[list[dict]]) -> list[float]:
+    """Mean over tokens of |residual_t| / |residual_t-1|, averaged over runs; 1.0 for the first step."""
+    per_run = []
+    for steps in recorded:
+        residuals = [s["output"].float() - s["input"].float() for s in steps]
+        ratios = [1.0] + [(cur.norm(dim=-1) / (prev.norm(dim=-1) + 1e-8)).mean().item()
+                          for prev, cur in zip(residuals, residuals[1:])]
+        per_run.append(ratios)
+    length = min(len(r) for r in per_run)
+    return [float(np.mean([r[i] for r in per_run])) for i in range(length)]
+
+
+def calibrate(pipe, policy: str, runs: list[dict]) -> dict:
+    recorded = record(pipe, runs)
+    if policy == "teacache":
+        return {"coefficients": teacache_coefficients(recorded)}
+    if policy == "magcache":
+        return {"mag_ratios": mag_ratios(recorded)}
+    raise ValueError(f"calibrate: policy={policy!r} needs no calibration or is unknown; allowed values: "
+                     "'teacache', 'magcache'")

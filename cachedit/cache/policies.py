@@ -1,0 +1,175 @@
+"""Cache policies: which signal decides that a step's cacheable blocks are skipped.
+
+Every policy is consulted at the entry of the first cacheable block, after the step's common
+limits (warmup, step masks, max cached / continuous steps) allowed a skip, and sees a `Probe` of
+the step. What stands in for skipped blocks is the same for all: their residual from the last
+computed step, or a calibrator's forecast of it. A policy keeps its memory in the per-context
+`CallState.memo` dict, so CFG branches and pipeline calls never share it. Adding a policy is one
+class and one `register_policy` call; nothing else changes.
+
+- dbcache:   relative L1 change of the first Fn blocks' residual since the last computed step.
+- teacache:  relative L1 change of the first block's timestep-modulated input between consecutive
+             steps, rescaled by a per-model polynomial and accumulated until it crosses the threshold
+             (TeaCache, arXiv 2411.19108); first and last steps computed.
+- magcache:  per-step residual magnitude ratios calibrated once; the accumulated error of reusing
+             the residual, sum |1 - prod ratios|, must stay under the threshold, with at most K
+             consecutive skips; the first steps computed (MagCache, arXiv 2506.09045).
+- easycache: no calibration: the transformation rate k = |d output| / |d input| measured between
+             computed steps predicts the output change from the input change, accumulated until it
+             crosses the threshold (EasyCache, arXiv 2507.02860).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# TeaCache's published FLUX.1 rescaling polynomial (highest power first), from the TeaCache repository.
+TEACACHE_FLUX_COEFFICIENTS = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
+
+
+@dataclass
+class Probe:
+    """What a policy may look at when deciding a step."""
+
+    hidden_in: torch.Tensor  # the stack's input
+    hidden: torch.Tensor  # the input of the first cacheable block (after the Fn blocks)
+    modulated: torch.Tensor | None  # the first block's timestep-modulated input, where the adapter provides it
+
+
+class Policy:
+    name = "abstract"
+    needs_modulated_input = False
+
+    def __init__(self, **options) -> None:
+        if options:
+            raise ValueError(f"CacheConfig.policy_options: policy {self.name!r} takes no options, got {sorted(options)}")
+
+    def observe(self, cache, st, probe: Probe) -> None:
+        """Called at every step, before any decision (the limits may force this step to compute)."""
+
+    def skip(self, cache, st, probe: Probe) -> bool:
+        """True: skip the cacheable blocks this step (the limits already allowed it)."""
+        raise NotImplementedError
+
+    def computed(self, cache, st, probe: Probe, output: torch.Tensor) -> None:
+        """The step computed; `output` is the last cacheable block's hidden output."""
+
+    def check_config(self, config) -> None:
+        """Raise ValueError when this policy cannot run with `config` (called when the config is built)."""
+
+
+class DBCache(Policy):
+    name = "dbcache"
+
+    def check_config(self, config) -> None:
+        if config.Fn < 1:
+            raise ValueError("CacheConfig.Fn=0 is invalid for policy 'dbcache' (its signal is the first blocks' "
+                             "residual); allowed values: an integer >= 1")
+
+    def skip(self, cache, st, probe):
+        return cache.similar(st, st.memo.get("fn_residual"), probe.hidden - probe.hidden_in)
+
+    def computed(self, cache, st, probe, output):
+        st.memo["fn_residual"] = probe.hidden - probe.hidden_in
+
+
+def _first_last(st) -> bool:
+    return st.step == 0 or (st.num_steps is not None and st.step >= st.num_steps - 1)
+
+
+class TeaCache(Policy):
+    name = "teacache"
+    needs_modulated_input = True
+
+    def __init__(self, coefficients=None) -> None:
+        self.coefficients = tuple(float(c) for c in coefficients) if coefficients is not None else None
+
+    def observe(self, cache, st, probe):
+        signal = probe.modulated if probe.modulated is not None else probe.hidden_in
+        prev, st.memo["prev_input"] = st.memo.get("prev_input"), signal
+        st.memo["change"] = cache.relative_l1(prev, signal) if prev is not None and prev.shape == signal.shape else None
+
+    def skip(self, cache, st, probe):
+        change = st.memo["change"]
+        if change is None or _first_last(st):
+            return False
+        rescaled = float(np.polyval(self.coefficients, change)) if self.coefficients else change
+        st.diffs.setdefault(st.step, rescaled)
+        st.memo["accumulated"] = st.memo.get("accumulated", 0.0) + rescaled
+        return st.memo["accumulated"] < cache.config.residual_diff_threshold
+
+    def computed(self, cache, st, probe, output):
+        st.memo["accumulated"] = 0.0
+
+
+class MagCache(Policy):
+    name = "magcache"
+
+    def __init__(self, mag_ratios=None, max_skip_steps: int = 3, retention_ratio: float = 0.2) -> None:
+        if mag_ratios is None:
+            raise ValueError("CacheConfig.policy_options['mag_ratios'] is required for policy 'magcache': calibrate "
+                             "them once with `cachedit calibrate --policy magcache` (or cachedit.cache.calibrate)")
+        self.mag_ratios = np.asarray(mag_ratios, dtype=np.float64)
+        self.max_skip_steps = int(max_skip_steps)
+        self.retention_ratio = float(retention_ratio)
+
+    def ratio(self, step: int, num_steps: int | None) -> float:
+        """The calibrated ratio at `step`, interpolated when the step count differs from the calibration's."""
+        n = len(self.mag_ratios)
+        if not num_steps or num_steps == n:
+            return float(self.mag_ratios[min(step, n - 1)])
+        return float(np.interp(step / max(1, num_steps - 1) * (n - 1), np.arange(n), self.mag_ratios))
+
+    def skip(self, cache, st, probe):
+        if st.num_steps is not None and st.step < round(self.retention_ratio * st.num_steps) or _first_last(st):
+            return False
+        m = st.memo
+        m["ratio"] = m.get("ratio", 1.0) * self.ratio(st.step, st.num_steps)
+        m["skips"] = m.get("skips", 0) + 1
+        m["error"] = m.get("error", 0.0) + abs(1.0 - m["ratio"])
+        st.diffs.setdefault(st.step, m["error"])
+        return m["error"] < cache.config.residual_diff_threshold and m["skips"] <= self.max_skip_steps
+
+    def computed(self, cache, st, probe, output):
+        st.memo.update(ratio=1.0, skips=0, error=0.0)
+
+
+class EasyCache(Policy):
+    name = "easycache"
+
+    def skip(self, cache, st, probe):
+        m = st.memo
+        if "rate" not in m or _first_last(st):
+            return False
+        input_change = cache.relative_l1(m["last_input"], probe.hidden_in)
+        m["accumulated"] = m.get("accumulated", 0.0) + m["rate"] * input_change
+        st.diffs.setdefault(st.step, m["accumulated"])
+        return m["accumulated"] < cache.config.residual_diff_threshold
+
+    def computed(self, cache, st, probe, output):
+        m = st.memo
+        if "last_output" in m and m["last_output"].shape == output.shape:
+            input_change = cache.relative_l1(m["last_input"], probe.hidden_in)
+            output_change = cache.relative_l1(m["last_output"], output)
+            m["rate"] = output_change / max(input_change, 1e-8)
+        m.update(last_input=probe.hidden_in, last_output=output, accumulated=0.0)
+
+
+POLICIES: dict[str, type[Policy]] = {p.name: p for p in (DBCache, TeaCache, MagCache, EasyCache)}
+
+
+def register_policy(cls: type[Policy]) -> None:
+    """Make `CacheConfig(policy=cls.name)` use `cls`."""
+    if not (isinstance(cls, type) and issubclass(cls, Policy)) or cls.name in ("abstract", ""):
+        raise TypeError("register_policy needs a cachedit.cache.policies.Policy subclass with its own `name`")
+    POLICIES[cls.name] = cls
+
+
+def make_policy(name: str, options: dict) -> Policy:
+    try:
+        return POLICIES[name](**options)
+    except TypeError as exc:
+        raise ValueError(f"CacheConfig.policy_options={options} do not fit policy {name!r}: {exc}") from None
