@@ -102,3 +102,20 @@ def test_user_policy_plugs_in():
         assert _contexts(pipe)["cond"]["cached_steps"] == [1, 3, 5, 7]
     finally:
         POLICIES.pop("every_other")
+
+
+def test_forecast_policy_skips_only_predictable_steps():
+    pipe = tiny_pipeline("flux")
+    base = _run(pipe, "flux")
+    config = dict(Fn=1, Bn=0, warmup_steps=2, policy="forecast", calibrator="foca")
+    cachedit.accelerate(pipe, **EXACT, cache={**config, "residual_diff_threshold": 0})
+    assert torch.equal(_run(pipe, "flux"), base)
+    cachedit.disable(pipe)
+    cachedit.accelerate(pipe, **EXACT, cache={**config, "residual_diff_threshold": 5.0})
+    _run(pipe, "flux")
+    report = _contexts(pipe)["cond"]
+    # a first-order forecast needs two computed steps; then the spent budget stays under the threshold
+    assert report["cached_steps"] and min(report["cached_steps"]) >= 2 and STEPS - 1 not in report["cached_steps"]
+    assert all(report["residual_diffs"][s] < 5.0 for s in report["cached_steps"])
+    with pytest.raises(ValueError, match="Fn=0 is invalid for policy 'forecast'"):
+        cachedit.CacheConfig(Fn=0, policy="forecast")

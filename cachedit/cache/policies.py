@@ -158,7 +158,54 @@ class EasyCache(Policy):
         m.update(last_input=probe.hidden_in, last_output=output, accumulated=0.0)
 
 
-POLICIES: dict[str, type[Policy]] = {p.name: p for p in (DBCache, TeaCache, MagCache, EasyCache)}
+class Forecast(Policy):
+    """cachedit's own policy: skip while the cheap signal stays *predictable*, not merely small.
+
+    DBCache asks "did the first blocks' residual change little since the last computed step?";
+    a trajectory can change a lot yet smoothly, and a calibrator then forecasts the skipped blocks
+    well, or change little yet turn, and reuse goes wrong. Here a Taylor forecast of the first
+    blocks' residual, fitted on computed steps, is checked against the residual those blocks
+    actually produce at this step: the relative forecast error is the evidence that the skipped
+    blocks' forecast (the config's calibrator, TaylorSeer by default) holds too. Errors accumulate
+    over consecutive skips into a budget (the threshold), spent faster late in the schedule where
+    fine detail forms (weight 1 + late_weight * progress).
+    """
+
+    name = "forecast"
+
+    def __init__(self, order: int = 1, late_weight: float = 1.0) -> None:
+        self.order = int(order)
+        self.late_weight = float(late_weight)
+
+    def check_config(self, config) -> None:
+        if config.Fn < 1:
+            raise ValueError("CacheConfig.Fn=0 is invalid for policy 'forecast' (its signal is the first blocks' "
+                             "residual); allowed values: an integer >= 1")
+
+    def skip(self, cache, st, probe):
+        from .calibrators import TaylorSeer
+
+        seer = st.memo.setdefault("seer", TaylorSeer(self.order))
+        if len(seer.derivatives) <= self.order or _first_last(st):
+            return False  # not enough computed steps to forecast with this order yet
+        actual = probe.hidden - probe.hidden_in
+        predicted = seer.predict(st.step)
+        if predicted.shape != actual.shape:
+            return False
+        error = cache.relative_l1(actual, predicted)
+        progress = st.step / max(1, (st.num_steps or st.step + 1) - 1)
+        st.memo["spent"] = st.memo.get("spent", 0.0) + error * (1.0 + self.late_weight * progress)
+        st.diffs.setdefault(st.step, st.memo["spent"])
+        return st.memo["spent"] < cache.config.residual_diff_threshold
+
+    def computed(self, cache, st, probe, output):
+        from .calibrators import TaylorSeer
+
+        st.memo.setdefault("seer", TaylorSeer(self.order)).update(st.step, probe.hidden - probe.hidden_in)
+        st.memo["spent"] = 0.0
+
+
+POLICIES: dict[str, type[Policy]] = {p.name: p for p in (DBCache, TeaCache, MagCache, EasyCache, Forecast)}
 
 
 def register_policy(cls: type[Policy]) -> None:
