@@ -30,8 +30,8 @@ def _worker(rank, world_size, port, dist_backend, device_type, fn, args, outdir)
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
-        if device_type == "cuda":
-            torch.cuda.set_device(rank)
+        if device_type in ("cuda", "npu"):  # before the process group: NCCL / HCCL bind to the current device
+            getattr(torch, device_type).set_device(rank)
         dist.init_process_group(dist_backend, rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
         torch.save({"ok": result}, os.path.join(outdir, f"{rank}.pt"))
