@@ -7,7 +7,8 @@ meaningless: every step differs from the previous one about as much as two rando
 ``FluxTransformer2DModel`` was trained with rectified flow matching on scikit-learn's bundled handwritten digits
 (``sklearn.datasets.load_digits``: 1797 images of 8x8 pixels, 16 gray levels), conditioned on the prompts
 ``"a handwritten digit 0"`` ... ``"a handwritten digit 9"`` (see :func:`digit_prompt`) through the pipeline's own
-tokenizers and (frozen, random) CLIP / T5 text encoders. Every FLUX adapter applies to it unchanged.
+tokenizers and tiny CLIP / T5 text encoders (those of :mod:`cachedit.testing.tiny`, fine-tuned along). Every FLUX
+adapter applies to it unchanged. 2.78M transformer parameters, 3.03M in all, 11.6 MiB of float32 safetensors.
 
 * images: 32x32 RGB (gray digits: the 8x8 digits upsampled bilinearly, white ink on black), values in [0, 1] with
   ``output_type="pt"``;
@@ -17,8 +18,13 @@ tokenizers and (frozen, random) CLIP / T5 text encoders. Every FLUX adapter appl
   embedding; text: 24 T5 tokens (``max_sequence_length=24``) + the pooled CLIP embedding;
 * scheduler: ``FlowMatchEulerDiscreteScheduler`` with ``shift=1.0`` and no dynamic shifting (the pipeline's ``mu`` is
   ignored), as in training;
-* trained with 10% prompt dropout to the empty prompt, so true classifier-free guidance (``negative_prompt=""``,
-  ``true_cfg_scale > 1``) works too.
+* trained with 10% prompt dropout to the empty prompt: :func:`reference_call_kwargs` uses true classifier-free
+  guidance (``negative_prompt=""``, ``true_cfg_scale=2.0``: 2 transformer calls per step, "cond" and "uncond").
+
+Measured (``scripts/train_reference.py --check-only``; seeds 0-3, digits 0-9, logistic regression on the data set):
+39/40 digits recognised at 28 and at 12 steps with true CFG 2.0; 35/40 (28 steps) and 36/40 (12 steps) without CFG.
+The relative L1 change of the first block's output residual between consecutive steps has a median of 0.13 (16
+steps; 0.39 with random weights).
 
 Reproduce with ``python scripts/train_reference.py --out cachedit/testing/reference_model``.
 """
@@ -32,6 +38,7 @@ import torch
 
 __all__ = [
     "REFERENCE_MODEL_DIR",
+    "digit_classifier",
     "digit_features",
     "digit_images",
     "digit_prompt",
@@ -52,22 +59,25 @@ def digit_prompt(d: int) -> str:
     return f"a handwritten digit {int(d)}"
 
 
-def reference_pipeline(dtype: torch.dtype = torch.float32, path: str | pathlib.Path | None = None) -> diffusers.FluxPipeline:
-    """Loads the shipped reference pipeline (offline, on CPU, progress bar disabled)."""
+def reference_pipeline(
+    dtype: torch.dtype = torch.float32, path: str | pathlib.Path | None = None
+) -> diffusers.FluxPipeline:
+    """Loads the shipped reference pipeline (or the one at ``path``): offline, on CPU, progress bar disabled."""
     pipe = diffusers.FluxPipeline.from_pretrained(
-        str(path or REFERENCE_MODEL_DIR), torch_dtype=dtype, local_files_only=True
+        str(path or REFERENCE_MODEL_DIR), dtype=dtype, local_files_only=True
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def reference_call_kwargs(num_inference_steps: int = 28, seed: int = 0) -> dict:
+def reference_call_kwargs(num_inference_steps: int = 28, seed: int = 0, *, true_cfg_scale: float = 2.0) -> dict:
     """Keyword arguments (besides the prompt) for a deterministic sample of the reference pipeline.
 
-    No classifier-free guidance (one transformer call per step): the conditional model alone gives clean digits.
-    Add ``negative_prompt=""`` and ``true_cfg_scale=...`` for true CFG (two calls per step).
+    True classifier-free guidance with the empty negative prompt (the model was trained with 10% prompt dropout), so
+    every step makes 2 transformer calls, in the ``"cond"`` and ``"uncond"`` cache contexts. ``true_cfg_scale=1.0``
+    turns it off (1 call per step; somewhat less reliable digits: ~90% instead of ~97% are recognised).
     """
-    return dict(
+    kwargs = dict(
         height=IMAGE_SIZE,
         width=IMAGE_SIZE,
         guidance_scale=1.0,  # no guidance embedding: ignored by the transformer
@@ -76,6 +86,9 @@ def reference_call_kwargs(num_inference_steps: int = 28, seed: int = 0) -> dict:
         generator=torch.Generator("cpu").manual_seed(seed),
         output_type="pt",
     )
+    if true_cfg_scale > 1.0:
+        kwargs.update(negative_prompt="", true_cfg_scale=true_cfg_scale)
+    return kwargs
 
 
 def digit_images(size: int = IMAGE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,3 +111,17 @@ def digit_features(images: torch.Tensor) -> torch.Tensor:
     x = images.float().mean(dim=1, keepdim=True)
     x = torch.nn.functional.adaptive_avg_pool2d(x, (8, 8))
     return (x * 16.0).flatten(1)
+
+
+def digit_classifier():
+    """A scikit-learn ``LogisticRegression`` fitted on :func:`digit_features` of the data set (~0.3 s): ``predict``
+    on ``digit_features(pipe(...).images)`` tells which digit a generated image shows.
+
+    Fitted with 1 BLAS / OpenMP thread: on a busy 2-core machine the default thread pools make the fit ~100x slower.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
+
+    images, labels = digit_images()
+    with threadpool_limits(1):
+        return LogisticRegression(max_iter=2000).fit(digit_features((images + 1) / 2).numpy(), labels.numpy())
