@@ -196,28 +196,65 @@ def _vocab_and_merges(backend: Tokenizer) -> tuple[dict[str, int], list[tuple[st
     return dict(model["vocab"]), merges
 
 
+def _whole_word_bpe(backend: Tokenizer, special_tokens, alphabet, end_of_word_suffix: str = ""):
+    """(vocab, merges) of BPE trained to completion on the corpus words: every corpus word ends up
+    one token, as the real tokenizers do for their common words.
+
+    A plain BPE training loop with ties broken by the pair itself: `tokenizers`' BpeTrainer breaks
+    ties differently from one process to the next, which would make the tiny pipelines' text
+    embeddings, and so their outputs, differ between processes.
+    """
+    counts: dict[tuple[str, ...], int] = {}
+    for text in _corpus():
+        if backend.normalizer is not None:
+            text = backend.normalizer.normalize_str(text)
+        for word, _ in backend.pre_tokenizer.pre_tokenize_str(text):
+            symbols = list(word)
+            if end_of_word_suffix:
+                symbols[-1] += end_of_word_suffix
+            counts[tuple(symbols)] = counts.get(tuple(symbols), 0) + 1
+    vocab = {tok: i for i, tok in enumerate(special_tokens)}
+    for char in sorted(alphabet):
+        vocab.setdefault(char, len(vocab))
+        if end_of_word_suffix:
+            vocab.setdefault(char + end_of_word_suffix, len(vocab))
+    merges = []
+    while True:
+        pairs: dict[tuple[str, str], int] = {}
+        for word, n in counts.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] = pairs.get(pair, 0) + n
+        if not pairs:
+            return vocab, merges
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        vocab.setdefault(best[0] + best[1], len(vocab))
+        merged = {}
+        for word, n in counts.items():
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] = merged.get(tuple(out), 0) + n
+        counts = merged
+
+
 @functools.lru_cache(maxsize=None)
 def _byte_level_bpe(tokenizer_cls: type, special_tokens: tuple[str, ...], end_of_word_suffix: str = ""):
-    """Byte-level BPE (CLIP, Qwen) trained with the normalizer / pre-tokenizer of ``tokenizer_cls``.
-
-    Deterministic, takes milliseconds. Every byte is a token (also word-final for CLIP), so no text maps to <unk>.
-    """
+    """Byte-level BPE (CLIP, Qwen) over the corpus words, with the normalizer / pre-tokenizer of
+    ``tokenizer_cls``. Every byte is a token (also word-final for CLIP), so no text maps to <unk>."""
     backend = tokenizer_cls().backend_tokenizer
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    extra = {"end_of_word_suffix": end_of_word_suffix} if end_of_word_suffix else {}
-    trainer = trainers.BpeTrainer(
-        vocab_size=4096, show_progress=False, special_tokens=list(special_tokens), initial_alphabet=alphabet, **extra
-    )
-    backend.train_from_iterator(_corpus(), trainer)
-    vocab, merges = _vocab_and_merges(backend)
-    for char in sorted(alphabet):
-        vocab.setdefault(char + end_of_word_suffix, len(vocab))
+    vocab, merges = _whole_word_bpe(backend, special_tokens, pre_tokenizers.ByteLevel.alphabet(), end_of_word_suffix)
     return json.dumps(vocab), tuple(merges)
 
 
 @functools.lru_cache(maxsize=None)
 def _sentencepiece_bpe(special_tokens: tuple[str, ...]):
-    """SentencePiece-style BPE (Llama, Mistral, Gemma: "▁" for spaces, byte fallback) trained on words.
+    """SentencePiece-style BPE (Llama, Mistral, Gemma: "▁" for spaces, byte fallback) over the corpus words.
 
     Merges never cross word boundaries. ``<0x00>``..``<0xFF>`` byte tokens make every text encodable.
     """
@@ -231,11 +268,7 @@ def _sentencepiece_bpe(special_tokens: tuple[str, ...]):
         ]
     )
     alphabet = list(string.ascii_letters + string.digits + string.punctuation + "\u2581\n")
-    trainer = trainers.BpeTrainer(
-        vocab_size=4096, show_progress=False, special_tokens=list(special_tokens), initial_alphabet=alphabet
-    )
-    backend.train_from_iterator(_corpus(), trainer)
-    vocab, merges = _vocab_and_merges(backend)
+    vocab, merges = _whole_word_bpe(backend, special_tokens, alphabet)
     for byte in range(256):
         vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
     return json.dumps(vocab), tuple(merges)
