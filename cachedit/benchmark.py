@@ -60,7 +60,9 @@ def _diffusers(name: str, config_factory: Callable, **settings) -> Method:
                   lambda p: p.transformer.disable_cache(), settings)
 
 
-def default_methods(steps: int, mag_ratios=None) -> list[Method]:
+def default_methods(steps: int, mag_ratios=None, calibrated: dict | None = None) -> list[Method]:
+    """Every method and setting the frontier is drawn from. `calibrated`: cachedit's own TeaCache
+    polynomial and MagCache ratios for this model ({"teacache": {...}, "magcache": {...}})."""
     from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
 
     methods = [Method("uncached", "uncached", lambda p: None, lambda p: None)]
@@ -77,6 +79,21 @@ def default_methods(steps: int, mag_ratios=None) -> list[Method]:
                            max_continuous_cached_steps=3)
             if m is not None:
                 methods.append(m)
+    calibrated = calibrated or {}
+    for t in (0.3, 0.6, 1.0, 2.0):
+        if "teacache" in calibrated:
+            methods.append(_cachedit(f"TeaCache t={t} +TaylorSeer", Fn=0, residual_diff_threshold=t, warmup_steps=0,
+                                     policy="teacache", policy_options=calibrated["teacache"], calibrator="taylorseer"))
+    for t in (0.1, 0.2, 0.4, 0.8):
+        if "magcache" in calibrated:
+            methods.append(_cachedit(f"MagCache t={t}", Fn=0, residual_diff_threshold=t, warmup_steps=0,
+                                     policy="magcache", policy_options={**calibrated["magcache"], "max_skip_steps": 5}))
+    for t in (0.2, 0.4, 0.8, 1.5):
+        methods.append(_cachedit(f"EasyCache t={t} +TaylorSeer", Fn=0, residual_diff_threshold=t, warmup_steps=0,
+                                 policy="easycache", calibrator="taylorseer"))
+    for t in (0.1, 0.2, 0.4, 0.8):
+        methods.append(_cachedit(f"Forecast t={t} +FoCa", Fn=1, Bn=0, residual_diff_threshold=t, warmup_steps=2,
+                                 policy="forecast", calibrator="foca"))
     for policy in ("medium", "fast", "ultra"):
         methods.append(_cachedit(f"step mask {policy} +TaylorSeer", Fn=1, Bn=0, residual_diff_threshold=0,
                                  warmup_steps=0, steps_mask=policy, mask_mode="static", calibrator="taylorseer"))
@@ -174,7 +191,12 @@ def measure(method: Method, load: Callable, call: Callable, prompts: list[str], 
 def run_bench(load: Callable, call: Callable, prompts: list[str], steps: int, repeats: int,
               methods: list[Method] | None = None, log: Callable = print) -> list[dict]:
     torch.manual_seed(0)
-    methods = methods or default_methods(steps, calibrate_mag_ratios(load, call, prompts[0], steps))
+    if methods is None:
+        from .cache.calibrate import calibrate
+
+        runs = [dict(prompt=prompts[i % len(prompts)], **call(steps, 100 + i)) for i in range(3)]  # unseen seeds
+        calibrated = {p: calibrate(load(), p, runs) for p in ("teacache", "magcache")}
+        methods = default_methods(steps, calibrate_mag_ratios(load, call, prompts[0], steps), calibrated)
     base, references = measure(methods[0], load, call, prompts, steps, repeats, None)
     base.update(psnr_db=float("inf"), ssim=1.0)
     rows = [base]

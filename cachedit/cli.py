@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_backends)
     p = sub.add_parser("demo", help="run a pipeline plain and accelerated, print the comparison table")
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=28)
     p.add_argument("--out", default="out/demo")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("generate", help="generate one image, accelerated, and save it with a JSON record")

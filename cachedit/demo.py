@@ -1,8 +1,8 @@
-"""`cachedit demo`: one pipeline run plain and accelerated, side by side, with a comparison table.
+"""`cachedit demo`: the shipped reference model, plain and accelerated, side by side.
 
-Until the trained reference model lands (its own issue), the demo runs the offline tiny FLUX
-pipeline from `cachedit.testing.tiny`: random weights, so the images are noise and the numbers
-show the mechanics (kernel routing, compile, exact disable), not image quality.
+Generates the ten digits with the trained reference FLUX pipeline, uncached, then with two cache
+configurations, and prints time, measured and ideal speedup, cached steps and PSNR / SSIM against
+the uncached images; saves the image grids side by side and a JSON record.
 """
 
 from __future__ import annotations
@@ -13,58 +13,72 @@ from pathlib import Path
 
 import torch
 
-
-def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = torch.mean((a.double() - b.double()) ** 2).item()
-    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
-
-
-def _timed(pipe, kwargs_fn, repeats: int) -> tuple[torch.Tensor, float]:
-    pipe("warm up", **kwargs_fn())
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = pipe("a photo of a cat", **kwargs_fn()).images
-        best = min(best, time.perf_counter() - start)
-    return out, best
+CONFIGS = {
+    "DBCache F1B0 t=0.2 +TaylorSeer": dict(Fn=1, Bn=0, residual_diff_threshold=0.2, warmup_steps=2,
+                                           calibrator="taylorseer"),
+    "forecast t=0.2 +FoCa (cachedit's own)": dict(Fn=1, Bn=0, residual_diff_threshold=0.2, warmup_steps=2,
+                                                  policy="forecast", calibrator="foca"),
+}
 
 
-def run_demo(steps: int = 8, out: str = "out/demo", repeats: int = 3) -> int:
+def _grid(images: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> one row (C, H, N*W) with a 1-pixel gray gap."""
+    gap = torch.full((images.shape[1], images.shape[2], 1), 0.5)
+    parts = []
+    for img in images:
+        parts += [img.clamp(0, 1), gap]
+    return torch.cat(parts[:-1], dim=-1)
+
+
+def run_demo(steps: int = 28, out: str = "out/demo", repeats: int = 2) -> int:
     import cachedit
-    from cachedit.testing.tiny import tiny_call_kwargs, tiny_pipeline
+    from .generate import save_png
+    from .metrics import psnr, ssim
+    from .testing.reference import digit_prompt, reference_call_kwargs, reference_pipeline
 
-    torch.set_num_threads(1)  # tiny models: intra-op threads only add OpenMP overhead
+    torch.set_num_threads(1)  # a 3M-parameter model: intra-op threads only add OpenMP overhead
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
-    kwargs = lambda: tiny_call_kwargs("flux", num_inference_steps=steps)  # noqa: E731
-    pipe = tiny_pipeline("flux")
-    base, t_base = _timed(pipe, kwargs, repeats)
-    cachedit.accelerate(pipe, device="auto", compile=True)
-    fast, t_fast = _timed(pipe, kwargs, repeats)
-    info = cachedit.summary(pipe)
-    cachedit.disable(pipe)
-    restored = pipe("a photo of a cat", **kwargs()).images
-    rows = [
-        ("baseline", f"{t_base * 1000:.1f}", "1.00", "-", "-"),
-        (f"accelerated ({info['backend']}, compile, {info['attention']['kernels']['transformer'][0]})",
-         f"{t_fast * 1000:.1f}", f"{t_base / t_fast:.2f}", f"{_psnr(fast, base):.1f}",
-         f"{(fast - base).abs().max().item():.2e}"),
-    ]
-    header = ("run", "ms/image", "speedup", "PSNR dB", "max abs diff")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for r in [header, tuple("-" * w for w in widths), *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
-    print(f"disable() restores bitwise-identical output: {torch.equal(restored, base)}")
-    record = {"steps": steps, "baseline_s": t_base, "accelerated_s": t_fast, "speedup": t_base / t_fast,
-              "psnr_db": _psnr(fast, base), "bitwise_after_disable": torch.equal(restored, base), "summary": info}
-    (outdir / "demo.json").write_text(json.dumps(record, indent=2, default=str))
-    try:
-        from PIL import Image
+    prompts = [digit_prompt(d) for d in range(10)]
+    pipe = reference_pipeline()
 
-        grid = torch.cat([base[0], fast[0]], dim=-1).clamp(0, 1).mul(255).round().byte().permute(1, 2, 0)
-        Image.fromarray(grid.numpy()).resize((grid.shape[1] * 8, grid.shape[0] * 8), Image.NEAREST).save(
-            outdir / "baseline_vs_accelerated.png")
-    except ImportError:
-        pass
-    print(f"wrote {outdir / 'demo.json'} and {outdir / 'baseline_vs_accelerated.png'}")
-    return 0 if torch.equal(restored, base) else 1
+    def generate():
+        pipe(prompt=prompts, **reference_call_kwargs(steps, seed=0))  # warm up
+        best, images = float("inf"), None
+        for _ in range(repeats):
+            start = time.perf_counter()
+            images = pipe(prompt=prompts, **reference_call_kwargs(steps, seed=0)).images
+            best = min(best, time.perf_counter() - start)
+        return images, best
+
+    base, t_base = generate()
+    rows = [{"run": "uncached", "seconds": t_base, "speedup": 1.0, "ideal_speedup": 1.0, "cached_steps": "-",
+             "psnr_db": float("inf"), "ssim": 1.0}]
+    grids = [_grid(base)]
+    for name, config in CONFIGS.items():
+        cachedit.accelerate(pipe, device="auto", attention="torch_sdpa", cache=config)
+        images, seconds = generate()
+        info = cachedit.summary(pipe)["cache"]["transformer"]
+        cached = info["stacks"][0]["contexts"]["cond"]["cached_steps"]
+        rows.append({"run": name, "seconds": seconds, "speedup": t_base / seconds,
+                     "ideal_speedup": info["ideal_speedup"], "cached_steps": f"{len(cached)}/{steps}",
+                     "psnr_db": psnr(images, base), "ssim": ssim(images, base)})
+        grids.append(_grid(images))
+        cachedit.disable(pipe)
+    restored = pipe(prompt=prompts, **reference_call_kwargs(steps, seed=0)).images
+
+    header = ("run", "s / 10 images", "speedup", "ideal", "cached steps", "PSNR dB", "SSIM")
+    table = [header] + [(r["run"], f"{r['seconds']:.2f}", f"{r['speedup']:.2f}", f"{r['ideal_speedup']:.2f}",
+                         r["cached_steps"], f"{r['psnr_db']:.1f}", f"{r['ssim']:.4f}") for r in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    for i, r in enumerate(table):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    exact = torch.equal(restored, base)
+    print(f"disable() restores bitwise-identical output: {exact}")
+    save_png(torch.cat(grids, dim=-2).unsqueeze(0), outdir / "uncached_vs_cached.png", scale=4)
+    (outdir / "demo.json").write_text(json.dumps({"steps": steps, "rows": rows, "bitwise_after_disable": exact,
+                                                  "rows_in_png": ["uncached", *CONFIGS]}, indent=2, default=str))
+    print(f"wrote {outdir / 'uncached_vs_cached.png'} (rows: uncached, {', '.join(CONFIGS)}) and {outdir / 'demo.json'}")
+    return 0 if exact else 1
