@@ -1,0 +1,61 @@
+"""The command line: generate, bench (with peers), calibrate and demo on the shipped reference model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cachedit.benchmark import Method, _cachedit, _diffusers, frontier, markdown, model_and_call, run_bench
+from cachedit.metrics import computed_fraction, psnr, ssim
+
+
+def _cli(*args, timeout=600):
+    proc = subprocess.run([sys.executable, "-m", "cachedit", *args], capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_generate_saves_image_and_record(tmp_path):
+    _cli("generate", "--prompt", "a handwritten digit 3", "--steps", "8", "--cache", "fast", "--threshold", "0.3",
+         "--calibrator", "taylorseer", "--out", str(tmp_path))
+    record = json.loads((tmp_path / "seed0_steps8.json").read_text())
+    assert (tmp_path / "seed0_steps8.png").stat().st_size > 0
+    assert record["summary"]["cache"]["config"]["calibrator"] == "taylorseer"
+    assert record["summary"]["cache"]["config"]["residual_diff_threshold"] == 0.3
+
+
+def test_metrics():
+    a = torch.rand(2, 3, 16, 16)
+    assert psnr(a, a) == float("inf") and ssim(a, a) == pytest.approx(1.0)
+    noisy = (a + 0.05 * torch.randn_like(a)).clamp(0, 1)
+    assert 20 < psnr(noisy, a) < 35 and ssim(noisy, a) < 0.99
+    assert computed_fraction({"accelerated": False}) == 1.0
+
+
+def test_bench_runs_ours_and_peers_side_by_side():
+    from diffusers import FirstBlockCacheConfig
+
+    load, call, prompts = model_and_call("reference")
+    methods = [Method("uncached", "uncached", lambda p: None, lambda p: None),
+               _cachedit("DBCache t=0.3", Fn=1, Bn=0, residual_diff_threshold=0.3, warmup_steps=2),
+               _diffusers("FBC t=0.3", lambda: FirstBlockCacheConfig(threshold=0.3), threshold=0.3)]
+    rows = run_bench(load, call, prompts[:1], 12, 1, methods=methods, log=lambda *a: None)
+    by_name = {r["method"]: r for r in rows}
+    assert by_name["uncached"]["ideal_speedup"] == 1.0 and by_name["uncached"]["psnr_db"] == float("inf")
+    for name in ("DBCache t=0.3", "FBC t=0.3"):
+        assert by_name[name]["ideal_speedup"] > 1.2 and 20 < by_name[name]["psnr_db"] < 80
+    ours = by_name["DBCache t=0.3"]
+    # the FLOP-counted ideal and the cache's own block count tell the same story (embedders are not skipped)
+    assert 1.0 < ours["ideal_speedup"] <= ours["block_ideal_speedup"]
+    assert "| DBCache t=0.3 |" in markdown(rows) and frontier(rows, "cachedit")
+
+
+def test_calibrate_command_prints_options(tmp_path):
+    out = tmp_path / "mag.json"
+    _cli("calibrate", "--model", "reference", "--policy", "magcache", "--steps", "8", "--runs", "2", "--out", str(out))
+    ratios = json.loads(out.read_text())["mag_ratios"]
+    assert len(ratios) == 8 and ratios[0] == 1.0
