@@ -14,6 +14,7 @@ from . import hooks
 from .adapters import Adapter, adapter_for, transformers_of
 from .attention import TORCH_SDPA, AttentionRouter, select_kernel
 from .cache.dbcache import apply_cache, remove_cache
+from .parallel.context import apply_context_parallel, check_context_parallel, cp_mode, remove_context_parallel
 from .quant.linear import Swapped, apply_quantization, quantizable, remove_quantization, weight_bytes
 from .quant.spec import QuantSpec
 from .backend import Backend
@@ -68,6 +69,7 @@ class _Applied:
     compiled: list[nn.Module] = field(default_factory=list)
     caches: dict[str, list] = field(default_factory=dict)
     quantized: dict[str, Swapped] = field(default_factory=dict)
+    context_parallel: dict = field(default_factory=dict)  # transformer name -> parallel.context.ContextParallel
     num_steps_override: int | None = None
     compile_options: dict = field(default_factory=dict)
 
@@ -104,9 +106,11 @@ def _validate(pipe, backend: Backend, cache, parallel, quantize, compile_cfg, at
         if cache is not None:
             for stack in adapters[name].stacks(t):
                 cache.check_blocks(len(stack))
-    if parallel is not None and parallel.enabled:
-        raise NotImplementedError("parallel= with degrees above 1 is not implemented yet (tracked in the context- "
-                                  "and tensor-parallel issues); pass parallel=None")
+    if parallel is not None and (parallel.tensor > 1 or parallel.cfg > 1):
+        raise NotImplementedError("parallel= with tensor or cfg degrees above 1 is not implemented yet (tracked in "
+                                  "the tensor- and CFG-parallel issues); use ulysses / ring")
+    if parallel is not None and cp_mode(parallel) is not None:
+        check_context_parallel(transformers, parallel, kernels, attention, _head_dim)
     if quantize is not None:
         spec = QuantSpec.from_config(quantize)
         if manager().quantized_linear(backend, spec) is None:
@@ -151,7 +155,8 @@ def accelerate(pipe, device: str = "auto", cache=None, parallel=None, quantize=N
             if quant_cfg is not None:
                 path = manager().quantized_linear(backend, QuantSpec.from_config(quant_cfg))
                 state.quantized[name] = apply_quantization(transformer, quant_cfg, path)
-            if attention != TORCH_SDPA.name:  # torch_sdpa is the op diffusers calls: nothing to route
+            context_parallel = parallel_cfg is not None and cp_mode(parallel_cfg) is not None
+            if attention != TORCH_SDPA.name or context_parallel:  # torch_sdpa alone: nothing to route
                 router = AttentionRouter(kernels, attention)
                 for module in _attention_modules(transformer):
                     hooks.attach(module, AttentionHook(router), ATTENTION_HOOK)
@@ -165,6 +170,9 @@ def accelerate(pipe, device: str = "auto", cache=None, parallel=None, quantize=N
             if cache_cfg is not None:
                 state.caches[name] = apply_cache(transformer, adapters[name], cache_cfg,
                                                  functools.partial(_num_steps, pipe))
+            if context_parallel:  # after the cache: its splits are outermost, its reduce agrees the caches
+                state.context_parallel[name] = apply_context_parallel(
+                    transformer, parallel_cfg, backend, state.routers[name], state.caches.get(name, []))
             _invalidate_registry_cache(transformer)
     except BaseException:
         disable(pipe)
@@ -179,6 +187,8 @@ def disable(pipe):
         return pipe
     for swapped in state.quantized.values():
         swapped.check_restorable()  # before anything is undone
+    for cp in state.context_parallel.values():
+        remove_context_parallel(cp)
     for name, caches in state.caches.items():
         remove_cache(getattr(pipe, name), caches)
     for block in state.compiled:

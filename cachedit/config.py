@@ -135,12 +135,19 @@ class ParallelConfig:
     ring: int = 1
     tensor: int = 1
     cfg: int = 1
+    fp8_comm: bool = False  # Ulysses all-to-alls carry per-token float8_e4m3fn codes + scales
+    async_ulysses: bool = False  # post Ulysses' q/k/v all-to-alls together, unpack each as it lands
 
     def __post_init__(self) -> None:
         for name in ("ulysses", "ring", "tensor", "cfg"):
             _check_int("ParallelConfig", name, getattr(self, name), 1)
         if self.cfg not in (1, 2):
             _fail("ParallelConfig", "cfg", self.cfg, "1, 2")
+        for name in ("fp8_comm", "async_ulysses"):
+            _check_choice("ParallelConfig", name, getattr(self, name), (False, True))
+            if getattr(self, name) and self.ulysses == 1:
+                _fail("ParallelConfig", name, getattr(self, name), "False when ulysses == 1 (it changes the "
+                      "Ulysses all-to-alls only)")
 
     @property
     def world_size(self) -> int:

@@ -8,6 +8,9 @@ Exchanges (not reductions) move float8 tensors as raw bytes, which every library
 
 from __future__ import annotations
 
+import math
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 
@@ -70,17 +73,57 @@ class Communicator:
         chunks = out.view(tensor.dtype).chunk(world, dim=0)
         return torch.cat([c.movedim(0, scatter_dim) for c in chunks], dim=gather_dim)
 
-    def send_recv_ring(self, tensor: torch.Tensor, shift: int = 1) -> torch.Tensor:
-        """Send to rank+shift and receive from rank-shift (the Ring attention K/V rotation)."""
+    def all_to_all_uneven(self, tensor: torch.Tensor, scatter_dim: int, gather_dim: int, scatter_sizes: list[int],
+                          gather_sizes: list[int], async_op: bool = False):
+        """all_to_all with uneven chunks: the `scatter_sizes[i]` slice of `scatter_dim` goes to rank i; what
+        arrives from rank i has size `gather_sizes[i]` along `gather_dim` (this rank's `scatter_sizes[rank]` along
+        `scatter_dim`) and is concatenated along `gather_dim` in rank order. Every rank's `scatter_sizes` are
+        the others' `gather_sizes` (Ulysses with head or sequence counts not divisible by the world size).
+        With `async_op=True` returns a `Pending` whose `wait()` gives the result."""
+        world, rank = self.world_size, self.rank
+        if len(scatter_sizes) != world or len(gather_sizes) != world or sum(scatter_sizes) != tensor.shape[scatter_dim]:
+            raise ValueError(f"all_to_all_uneven: scatter_sizes {scatter_sizes} / gather_sizes {gather_sizes} must "
+                             f"have {world} entries, scatter_sizes summing to dim {scatter_dim} "
+                             f"(size {tensor.shape[scatter_dim]})")
+        send = torch.cat([_as_bytes(c.contiguous()).reshape(-1)
+                          for c in tensor.split(list(scatter_sizes), dim=scatter_dim)])
+        shapes = []
+        for size in gather_sizes:
+            shape = list(tensor.shape)
+            shape[scatter_dim], shape[gather_dim] = scatter_sizes[rank], size
+            shapes.append(shape)
+        recv_numel = [math.prod(s) for s in shapes]
+        recv = send.new_empty(sum(recv_numel))
+        send_numel = [math.prod(c.shape) for c in tensor.split(list(scatter_sizes), dim=scatter_dim)]
+        work = dist.all_to_all_single(recv, send, recv_numel, send_numel, group=self.group, async_op=async_op)
+
+        def finish() -> torch.Tensor:
+            parts = [p.view(s) for p, s in zip(recv.split(recv_numel), shapes)]
+            return torch.cat(parts, dim=gather_dim).view(tensor.dtype)
+
+        return Pending(work, finish) if async_op else finish()
+
+    def send_recv_ring(self, tensor: torch.Tensor, shift: int = 1, recv_shape: tuple | None = None,
+                       async_op: bool = False):
+        """Send to rank+shift and receive from rank-shift (the Ring attention K/V rotation). What arrives
+        has `tensor`'s shape unless `recv_shape` says otherwise (uneven sequence shards). With
+        `async_op=True` returns a `Pending` whose `wait()` gives the received tensor."""
         world, rank = self.world_size, self.rank
         dst = dist.get_global_rank(self.group, (rank + shift) % world) if self.group else (rank + shift) % world
         src = dist.get_global_rank(self.group, (rank - shift) % world) if self.group else (rank - shift) % world
         wire = _as_bytes(tensor.contiguous())
-        out = torch.empty_like(wire)
+        out = wire.new_empty(tuple(recv_shape)) if recv_shape is not None else torch.empty_like(wire)
         ops = [dist.P2POp(dist.isend, wire, dst, self.group), dist.P2POp(dist.irecv, out, src, self.group)]
-        for req in dist.batch_isend_irecv(ops):
+        reqs = dist.batch_isend_irecv(ops)
+
+        def finish() -> torch.Tensor:
+            return out.view(tensor.dtype)
+
+        if async_op:
+            return Pending(reqs, finish)
+        for req in reqs:
             req.wait()
-        return out.view(tensor.dtype)
+        return finish()
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Every rank gets rank `src`'s tensor (src is a rank within the group)."""
@@ -91,6 +134,22 @@ class Communicator:
 
     def barrier(self) -> None:
         dist.barrier(group=self.group)
+
+
+class Pending:
+    """An exchange in flight (`async_op=True`): `wait()` blocks until it lands and returns the result."""
+
+    def __init__(self, works, finish: Callable[[], torch.Tensor]) -> None:
+        self._works = works if isinstance(works, (list, tuple)) else [works]
+        self._finish = finish
+        self._result: torch.Tensor | None = None
+
+    def wait(self) -> torch.Tensor:
+        if self._result is None:
+            for work in self._works:
+                work.wait()
+            self._result = self._finish()
+        return self._result
 
 
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}

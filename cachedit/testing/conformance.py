@@ -145,6 +145,14 @@ def _collectives_on_rank(rank, world, backend_name):
         "bcast": comm.broadcast(x, src=world - 1),
         "a2a_fp8": comm.all_to_all(x.to(torch.float8_e4m3fn), scatter_dim=0, gather_dim=1).float(),
     }
+    # Uneven exchanges (context parallelism with lengths or head counts the world does not divide).
+    sizes = list(range(1, world + 1))
+    y = torch.arange(sum(sizes) * (rank + 1), dtype=torch.float32, device=dev).reshape(sum(sizes), rank + 1) + 1000 * rank
+    out["a2a_uneven"] = comm.all_to_all_uneven(y, 0, 1, sizes, sizes)
+    out["a2a_uneven_async"] = comm.all_to_all_uneven(y, 0, 1, sizes, sizes, async_op=True).wait()
+    prev = (rank - 1) % world
+    out["ring_uneven"] = comm.send_recv_ring(x[: rank + 1], recv_shape=(prev + 1, 6))
+    out["ring_async"] = comm.send_recv_ring(x, async_op=True).wait()
     return {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in out.items()}
 
 
@@ -172,6 +180,13 @@ def test_communicator_collectives(cachedit_backend, world):
         assert torch.equal(got["bcast"], xs[-1])
         fp8 = [x.to(torch.float8_e4m3fn).float() for x in xs]
         assert torch.equal(got["a2a_fp8"], torch.cat([x.chunk(world, 0)[r] for x in fp8], dim=1))
+        sizes = list(range(1, world + 1))
+        ys = [torch.arange(sum(sizes) * (j + 1), dtype=torch.float32).reshape(sum(sizes), j + 1) + 1000 * j
+              for j in range(world)]
+        want = torch.cat([y.split(sizes, 0)[r] for y in ys], dim=1)
+        assert torch.equal(got["a2a_uneven"], want) and torch.equal(got["a2a_uneven_async"], want)
+        assert torch.equal(got["ring_uneven"], xs[(r - 1) % world][: (r - 1) % world + 1])
+        assert torch.equal(got["ring_async"], xs[(r - 1) % world])
 
 
 # Max relative Frobenius error of a quantized linear against float64, per scheme/granularity.
