@@ -22,7 +22,8 @@ SCHEMES = {
     "int8 per-tensor": dict(scheme="int8", granularity="tensor"),
     "int8 per-row": dict(scheme="int8", granularity="row"),
     "int8 weight-only": dict(scheme="int8", granularity="row", weight_only=True),
-    "fp8 per-row, modulation too": dict(scheme="fp8", granularity="row", exclude=("*embed*", "proj_out")),
+    "fp8 per-row, modulation kept in float": dict(scheme="fp8", granularity="row",
+                                                  exclude=("*embed*", "proj_out", "*norm*")),
 }
 
 
