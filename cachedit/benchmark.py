@@ -179,6 +179,7 @@ def measure(method: Method, load: Callable, call: Callable, prompts: list[str], 
         fraction = computed_fraction(cachedit.summary(pipe))
     method.remove(pipe)
     row = {"family": method.family, "method": method.name, "settings": method.settings, "flops": flops,
+           "flops_per_step": flops / (steps * len(prompts)),
            "latency_s": {"avg": statistics.mean(wall), "min": min(wall), "p50": _percentile(wall, 0.5),
                          "p90": _percentile(wall, 0.9), "p99": _percentile(wall, 0.99)},
            "transformer_s": statistics.median(inner), "computed_fraction": fraction}
