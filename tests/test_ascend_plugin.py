@@ -27,6 +27,7 @@ from cachedit.plugins import manager
 from cachedit.quant.spec import QuantSpec
 from cachedit.testing.conformance import ATTENTION_ATOL, reference_attention
 
+from .fakes.reference import max_err, random_qkv
 from .fakes.torch_npu import FailingImport, VendorError, make_torch_npu
 
 
@@ -46,16 +47,6 @@ def npu(monkeypatch):
         return fake
 
     return install
-
-
-def _qkv(dtype, sq=37, sk=29, heads=4, kv_heads=4, dim=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    make = lambda s, h: torch.randn(2, h, s, dim, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
-    return make(sq, heads), make(sk, kv_heads), make(sk, kv_heads)
-
-
-def _err(out, ref):
-    return (out.double() - ref).abs().max().item()
 
 
 # -- availability ------------------------------------------------------------------------------------------------
@@ -134,11 +125,11 @@ def test_fusion_attention_matches_float64_reference(npu, backend, dtype):
         ({"sq": 29}, {"is_causal": True, "attn_mask": keep[:, :, :29, :29]}),
     ]
     for shape, kw in cases:
-        q, k, v = _qkv(dtype, **shape)
+        q, k, v = random_qkv(dtype, **shape)
         out = fn(q, k, v, **kw)
         ref = reference_attention(q, k, v, **kw)[0].nan_to_num(0.0)
         assert out.shape == q.shape and out.dtype == dtype
-        assert _err(out, ref) <= tol, (shape, {n: getattr(t, "shape", t) for n, t in kw.items()})
+        assert max_err(out, ref) <= tol, (shape, {n: getattr(t, "shape", t) for n, t in kw.items()})
     layouts = {c.get("layout") for c in fake.calls}
     assert layouts == {"BNSD"} and all(isinstance(c["scale"], float) for c in fake.calls)
     modes = [c["sparse_mode"] for c in fake.calls]
@@ -151,17 +142,17 @@ def test_fusion_attention_lse_from_softmax_max_and_sum(npu, backend, dtype):
     npu()
     fn = _kernel(backend).fn
     for kv_heads, causal, sq in ((4, False, 37), (2, False, 37), (4, True, 29)):
-        q, k, v = _qkv(dtype, kv_heads=kv_heads, sq=sq)
+        q, k, v = random_qkv(dtype, kv_heads=kv_heads, sq=sq)
         out, lse = fn(q, k, v, scale=0.1, is_causal=causal, return_lse=True)
         ref, ref_lse = reference_attention(q, k, v, scale=0.1, is_causal=causal)
         assert lse.shape == q.shape[:-1] and lse.dtype == torch.float32
-        assert _err(lse, ref_lse) <= max(10 * ATTENTION_ATOL[dtype], 2e-6)
-        assert _err(out, ref) <= ATTENTION_ATOL[dtype]
+        assert max_err(lse, ref_lse) <= max(10 * ATTENTION_ATOL[dtype], 2e-6)
+        assert max_err(out, ref) <= ATTENTION_ATOL[dtype]
 
 
 def test_fake_npu_rejects_what_the_docs_reject(npu):
     fake = npu()
-    q, k, v = _qkv(torch.float16)
+    q, k, v = random_qkv(torch.float16)
     with pytest.raises(VendorError, match="head_num"):
         fake.npu_fusion_attention(q, k, v, 8, "BNSD", scale=0.125)
     with pytest.raises(VendorError, match="input_layout"):

@@ -27,6 +27,7 @@ from cachedit.plugins import manager
 from cachedit.quant.spec import QuantSpec
 from cachedit.testing.conformance import ATTENTION_ATOL, reference_attention
 
+from .fakes.reference import max_err, random_qkv
 from .fakes.cuda import FakeCuda, FakeTorchSDPA, VendorError, strict_int_mm, strict_scaled_mm
 from .fakes.flash_attn import make_flash_attn_interface
 
@@ -51,12 +52,6 @@ def gpu(monkeypatch):
         return cuda
 
     return install
-
-
-def _qkv(dtype, sq=37, sk=29, heads=4, kv_heads=4, dim=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    make = lambda s, h: torch.randn(2, h, s, dim, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
-    return make(sq, heads), make(sk, kv_heads), make(sk, kv_heads)
 
 
 CPU_BUILD = pytest.mark.skipif(torch.version.cuda is not None, reason="this torch is a CUDA build")
@@ -160,39 +155,35 @@ def _kernel(name):
     return {k.name: k for k in cuda_attention.offered_kernels([(9, 0)])[0]}[name]
 
 
-def _err(out, ref):
-    return (out.double() - ref).abs().max().item()
-
-
 @pytest.mark.parametrize("name,dtype", KERNEL_DTYPES, ids=lambda v: str(v).replace("torch.", ""))
 def test_kernel_outputs_match_float64_reference(gpu, name, dtype):
     cuda = gpu(capabilities=((9, 0),))
     kernel, tol = _kernel(name), ATTENTION_ATOL[dtype]
-    q, k, v = _qkv(dtype)
+    q, k, v = random_qkv(dtype)
     out = kernel.fn(q, k, v)
     assert out.shape == q.shape and out.dtype == dtype
-    assert _err(out, reference_attention(q, k, v)[0]) <= tol
-    q, k, v = _qkv(dtype, heads=8, kv_heads=2)  # GQA
-    assert _err(kernel.fn(q, k, v), reference_attention(q, k, v)[0]) <= tol
-    q, k, v = _qkv(dtype, sq=29)  # causal, square
-    assert _err(kernel.fn(q, k, v, is_causal=True), reference_attention(q, k, v, is_causal=True)[0]) <= tol
-    q, k, v = _qkv(dtype, sq=13, sk=29)  # causal, seq_q < seq_k: bottom-right, as cachedit defines it
+    assert max_err(out, reference_attention(q, k, v)[0]) <= tol
+    q, k, v = random_qkv(dtype, heads=8, kv_heads=2)  # GQA
+    assert max_err(kernel.fn(q, k, v), reference_attention(q, k, v)[0]) <= tol
+    q, k, v = random_qkv(dtype, sq=29)  # causal, square
+    assert max_err(kernel.fn(q, k, v, is_causal=True), reference_attention(q, k, v, is_causal=True)[0]) <= tol
+    q, k, v = random_qkv(dtype, sq=13, sk=29)  # causal, seq_q < seq_k: bottom-right, as cachedit defines it
     if name == "flash_sdpa":
         with pytest.raises(ValueError, match="seq_q != seq_k"):
             kernel.fn(q, k, v, is_causal=True)
     else:
-        assert _err(kernel.fn(q, k, v, is_causal=True), reference_attention(q, k, v, is_causal=True)[0]) <= tol
+        assert max_err(kernel.fn(q, k, v, is_causal=True), reference_attention(q, k, v, is_causal=True)[0]) <= tol
     if kernel.supports_mask:
-        q, k, v = _qkv(dtype)
+        q, k, v = random_qkv(dtype)
         keep = torch.rand(2, 1, 37, 29, generator=torch.Generator().manual_seed(1)) > 0.3
         keep[..., 0] = True
         masks = (keep, torch.zeros(keep.shape).masked_fill(~keep, -1e4).to(dtype),
                  torch.randn(2, 1, 1, 29, generator=torch.Generator().manual_seed(2)).to(dtype), keep[:, :, :1])
         for mask in masks:
-            assert _err(kernel.fn(q, k, v, attn_mask=mask), reference_attention(q, k, v, attn_mask=mask)[0]) <= tol
+            assert max_err(kernel.fn(q, k, v, attn_mask=mask), reference_attention(q, k, v, attn_mask=mask)[0]) <= tol
             out, lse = kernel.fn(q, k, v, attn_mask=mask, return_lse=True)
             ref, ref_lse = reference_attention(q, k, v, attn_mask=mask)
-            assert _err(out, ref) <= tol and _err(lse, ref_lse) <= max(10 * tol, 2e-6)
+            assert max_err(out, ref) <= tol and max_err(lse, ref_lse) <= max(10 * tol, 2e-6)
     else:
         with pytest.raises(ValueError, match="does not take attention masks"):
             kernel.fn(q, k, v, attn_mask=torch.ones(37, 29, dtype=torch.bool))
@@ -205,19 +196,19 @@ def test_kernel_lse_matches_float64_reference(gpu, name, dtype):
     cuda = gpu(capabilities=((9, 0),))
     kernel = _kernel(name)
     for kv_heads, causal, sq in ((4, False, 37), (2, False, 37), (4, True, 29)):
-        q, k, v = _qkv(dtype, kv_heads=kv_heads, sq=sq)
+        q, k, v = random_qkv(dtype, kv_heads=kv_heads, sq=sq)
         out, lse = kernel.fn(q, k, v, scale=0.1, is_causal=causal, return_lse=True)
         ref, ref_lse = reference_attention(q, k, v, scale=0.1, is_causal=causal)
         assert lse.shape == q.shape[:-1] and lse.dtype == torch.float32
-        assert _err(lse, ref_lse) <= max(10 * ATTENTION_ATOL[dtype], 2e-6)
-        assert _err(out, ref) <= ATTENTION_ATOL[dtype]
+        assert max_err(lse, ref_lse) <= max(10 * ATTENTION_ATOL[dtype], 2e-6)
+        assert max_err(out, ref) <= ATTENTION_ATOL[dtype]
     if name != "fa3":
         assert {c[0] for c in cuda.sdpa.calls} == {"aten"}  # the LSE comes from the aten op
 
 
 def test_fa3_lse_of_rows_with_nothing_to_attend_is_minus_inf(gpu):
     gpu(capabilities=((9, 0),))
-    q, k, v = _qkv(torch.bfloat16, sq=29, sk=13)  # causal with seq_q > seq_k: the first 16 rows are empty
+    q, k, v = random_qkv(torch.bfloat16, sq=29, sk=13)  # causal with seq_q > seq_k: the first 16 rows are empty
     out, lse = _kernel("fa3").fn(q, k, v, is_causal=True, return_lse=True)
     assert torch.isneginf(lse[..., :16]).all() and torch.isfinite(lse[..., 16:]).all()
     assert (out[..., :16, :] == 0).all()
@@ -226,15 +217,15 @@ def test_fa3_lse_of_rows_with_nothing_to_attend_is_minus_inf(gpu):
 def test_fa3_works_with_releases_returning_lse_always(gpu):
     cuda = gpu(capabilities=((9, 0),), legacy_fa3=True)
     kernel = _kernel("fa3")
-    q, k, v = _qkv(torch.float16)
-    assert _err(kernel.fn(q, k, v), reference_attention(q, k, v)[0]) <= ATTENTION_ATOL[torch.float16]
+    q, k, v = random_qkv(torch.float16)
+    assert max_err(kernel.fn(q, k, v), reference_attention(q, k, v)[0]) <= ATTENTION_ATOL[torch.float16]
     out, lse = kernel.fn(q, k, v, return_lse=True)
-    assert _err(lse, reference_attention(q, k, v)[1]) <= 4e-2 and len(cuda.fa3.calls) == 2
+    assert max_err(lse, reference_attention(q, k, v)[1]) <= 4e-2 and len(cuda.fa3.calls) == 2
 
 
 def test_fakes_reject_what_the_vendor_rejects(gpu):
     cuda = gpu(capabilities=((9, 0),))
-    q, k, v = _qkv(torch.float16)
+    q, k, v = random_qkv(torch.float16)
     fa3 = cuda.fa3.flash_attn_func
     with pytest.raises(VendorError, match="contiguous last dimension"):
         fa3(q.transpose(-1, -2), k, v)
@@ -253,7 +244,7 @@ def test_fakes_reject_what_the_vendor_rejects(gpu):
     gpu(capabilities=((8, 0),))
     with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.CUDNN_ATTENTION]):
         with pytest.raises(VendorError, match="no more than 128"):
-            torch.nn.functional.scaled_dot_product_attention(*_qkv(torch.float16, dim=256))
+            torch.nn.functional.scaled_dot_product_attention(*random_qkv(torch.float16, dim=256))
 
 
 # -- quantized linears --------------------------------------------------------------------------------------------

@@ -39,3 +39,17 @@ def attention64(q, k, v, *, scale=None, keep=None, bias=None, causal=None, pre_s
     lse = torch.logsumexp(s, -1)
     w = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)
     return (w @ v, lse, s.amax(-1)) if return_max else (w @ v, lse)
+
+
+def random_qkv(dtype, sq=37, sk=29, heads=4, kv_heads=4, dim=64, seed=0):
+    """Seeded q, k, v in (batch, heads, seq, dim), drawn in float64 and cast to `dtype`."""
+    g = torch.Generator().manual_seed(seed)
+
+    def make(seq, h):
+        return torch.randn(2, h, seq, dim, generator=g, dtype=torch.float64).to(dtype)
+
+    return make(sq, heads), make(sk, kv_heads), make(sk, kv_heads)
+
+
+def max_err(out, ref):
+    return (out.double() - ref).abs().max().item()
