@@ -14,6 +14,7 @@ from . import hooks
 from .adapters import Adapter, adapter_for, transformers_of
 from .attention import TORCH_SDPA, AttentionRouter, select_kernel
 from .cache.dbcache import apply_cache, remove_cache
+from .parallel.cfg import apply_cfg_parallel, check_cfg_parallel, remove_cfg_parallel
 from .parallel.context import apply_context_parallel, check_context_parallel, cp_mode, remove_context_parallel
 from .quant.linear import Swapped, apply_quantization, quantizable, remove_quantization, weight_bytes
 from .quant.spec import QuantSpec
@@ -70,6 +71,7 @@ class _Applied:
     caches: dict[str, list] = field(default_factory=dict)
     quantized: dict[str, Swapped] = field(default_factory=dict)
     context_parallel: dict = field(default_factory=dict)  # transformer name -> parallel.context.ContextParallel
+    cfg_parallel: list = field(default_factory=list)  # transformer names
     num_steps_override: int | None = None
     compile_options: dict = field(default_factory=dict)
 
@@ -106,9 +108,11 @@ def _validate(pipe, backend: Backend, cache, parallel, quantize, compile_cfg, at
         if cache is not None:
             for stack in adapters[name].stacks(t):
                 cache.check_blocks(len(stack))
-    if parallel is not None and (parallel.tensor > 1 or parallel.cfg > 1):
-        raise NotImplementedError("parallel= with tensor or cfg degrees above 1 is not implemented yet (tracked in "
-                                  "the tensor- and CFG-parallel issues); use ulysses / ring")
+    if parallel is not None and parallel.tensor > 1:
+        raise NotImplementedError("parallel= with a tensor degree above 1 is not implemented yet (tracked in "
+                                  "the tensor-parallel issue); use ulysses / ring / cfg")
+    if parallel is not None and parallel.cfg > 1:
+        check_cfg_parallel(parallel)
     if parallel is not None and cp_mode(parallel) is not None:
         check_context_parallel(transformers, parallel, kernels, attention, _head_dim)
     if quantize is not None:
@@ -173,6 +177,10 @@ def accelerate(pipe, device: str = "auto", cache=None, parallel=None, quantize=N
             if context_parallel:  # after the cache: its splits are outermost, its reduce agrees the caches
                 state.context_parallel[name] = apply_context_parallel(
                     transformer, parallel_cfg, backend, state.routers[name], state.caches.get(name, []))
+            if parallel_cfg is not None and parallel_cfg.cfg == 2:
+                comm = manager().communicator(backend, None)
+                apply_cfg_parallel(transformer, comm)
+                state.cfg_parallel.append(name)
             _invalidate_registry_cache(transformer)
     except BaseException:
         disable(pipe)
@@ -187,6 +195,8 @@ def disable(pipe):
         return pipe
     for swapped in state.quantized.values():
         swapped.check_restorable()  # before anything is undone
+    for name in state.cfg_parallel:
+        remove_cfg_parallel(getattr(pipe, name))
     for cp in state.context_parallel.values():
         remove_context_parallel(cp)
     for name, caches in state.caches.items():
