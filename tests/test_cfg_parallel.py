@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 import cachedit
 from cachedit.testing.distributed import run_distributed
