@@ -1,9 +1,9 @@
 """DBCache and DBPrune as diffusers hooks on each transformer block of a stack.
 
-DBCache (per step): the first Fn blocks run; the relative L1 change of their residual since the
-last computed step decides whether the middle blocks run or are skipped, in which case their
-residual from the last computed step (or a calibrator's forecast of it) is added instead. The
-last Bn blocks always run. DBPrune (per block): each middle block not protected is skipped on
+Per step, the first Fn blocks run; at the entry of the first middle block the config's policy
+(`policies.py`: DBCache's first-blocks residual change by default) decides whether the middle
+blocks run or are skipped, in which case their residual from the last computed step (or a
+calibrator's forecast of it) is added instead. The last Bn blocks always run. DBPrune (per block): each middle block not protected is skipped on
 its own when its input changed by less than the threshold, reusing its own last residual.
 
 State lives per diffusers cache context (see `state.py`) and is reset by diffusers' own

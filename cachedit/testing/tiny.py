@@ -82,7 +82,7 @@ from typing import Any
 
 import diffusers
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
