@@ -293,3 +293,15 @@ def test_user_calibrator_and_adapter_plug_in_without_touching_the_core():
         CALIBRATORS.pop("halved")
     with pytest.raises(ValueError, match="CacheConfig.calibrator='halved' is invalid; allowed values: None, "):
         cachedit.CacheConfig(calibrator="halved")
+
+
+def test_rotary_embedding_is_memoized_within_a_call_and_exact():
+    pipe = tiny_pipeline("flux")
+    base = _run(pipe, "flux")
+    cachedit.accelerate(pipe, **EXACT, cache=dict(residual_diff_threshold=0, warmup_steps=0))
+    assert torch.equal(_run(pipe, "flux"), base)  # reuse of equal inputs' output changes nothing
+    (module, hook), = pipe._cachedit_state.caches["transformer"][0].memo
+    assert module is pipe.transformer.pos_embed and hook.hits >= 2 * STEPS - 2
+    assert hook.last is None  # cleared by the pipeline's end-of-call reset
+    cachedit.disable(pipe)
+    assert not hasattr(pipe.transformer.pos_embed, "_diffusers_hook") or not pipe.transformer.pos_embed._diffusers_hook.hooks

@@ -25,6 +25,7 @@ from .. import hooks
 from ..adapters import Adapter, BlockIO, _param_names, block_io, modulated_input
 from ..config import CacheConfig
 from .masks import resolve_mask
+from .memo import apply_memo, remove_memo
 from .policies import Probe, make_policy
 from .state import CallState, ContextStates
 
@@ -254,10 +255,12 @@ def apply_cache(transformer: nn.Module, adapter: Adapter, config: CacheConfig, n
             hooks.attach(block, BlockCacheHook(cache, i), HOOK_NAME)
         caches.append(cache)
     hooks.attach(transformer, BranchContextHook(caches, adapter.text_arg), BRANCH_HOOK)
+    caches[0].memo = apply_memo(transformer, adapter.pure_modules)
     return caches
 
 
 def remove_cache(transformer: nn.Module, caches: list[StackCache]) -> None:
+    remove_memo(getattr(caches[0], "memo", []) if caches else [])
     hooks.detach(transformer, BRANCH_HOOK)
     for cache in caches:
         for block in cache.blocks:
