@@ -137,6 +137,9 @@ class ParallelConfig:
     cfg: int = 1
     fp8_comm: bool = False  # Ulysses all-to-alls carry per-token float8_e4m3fn codes + scales
     async_ulysses: bool = False  # post Ulysses' q/k/v all-to-alls together, unpack each as it lands
+    text_encoder: bool = False  # shard the pipeline's text encoders tensor-parallel over every rank
+    vae: bool = False  # split the VAE decode spatially over every rank
+    controlnet: bool = False  # give the pipeline's ControlNet the transformer's parallel plan
 
     def __post_init__(self) -> None:
         for name in ("ulysses", "ring", "tensor", "cfg"):
@@ -148,6 +151,11 @@ class ParallelConfig:
             if getattr(self, name) and self.ulysses == 1:
                 _fail("ParallelConfig", name, getattr(self, name), "False when ulysses == 1 (it changes the "
                       "Ulysses all-to-alls only)")
+        for name in ("text_encoder", "vae", "controlnet"):
+            _check_choice("ParallelConfig", name, getattr(self, name), (False, True))
+            if getattr(self, name) and self.world_size == 1:
+                _fail("ParallelConfig", name, getattr(self, name), "False when every degree is 1 (nothing to "
+                      "split it over)")
 
     @property
     def world_size(self) -> int:
