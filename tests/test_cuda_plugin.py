@@ -18,12 +18,14 @@ from cachedit_cpu_ref.quant import EmulatedLinearPath
 from cachedit_cpu_ref.quant import quantize as ref_quantize
 from cachedit_cuda import attention as cuda_attention
 from cachedit_cuda import plugin as cuda_plugin
+from cachedit_cuda import ao as cuda_ao
 from cachedit_cuda import quant as cuda_quant
 from cachedit_cuda.communicator import NcclCommunicator
 
 from cachedit.attention import select_kernel
 from cachedit.config import CompileConfig, CompileTarget
 from cachedit.plugins import manager
+from cachedit.quant.linear import weight_bytes
 from cachedit.quant.spec import QuantSpec
 from cachedit.testing.conformance import ATTENTION_ATOL, reference_attention
 
@@ -282,7 +284,7 @@ def _tol(dtype, rowwise_fp8=False):
 def test_fp8_scaled_mm_path_matches_cpu_ref_emulation(strict_gemms, granularity, dtype, with_bias):
     scaled_mm, _ = strict_gemms
     spec = QuantSpec("fp8", granularity)
-    path = cuda_quant.path_for(spec, [(9, 0)])
+    path = cuda_quant.path_for(spec, [(9, 0)], use_torchao=False)
     assert isinstance(path, cuda_quant.ScaledMMLinearPath)
     x, w, b = _linear_case(dtype)
     b = b if with_bias else None
@@ -307,7 +309,7 @@ def test_fp8_scaled_mm_path_matches_cpu_ref_emulation(strict_gemms, granularity,
 def test_int8_int_mm_path_matches_cpu_ref_emulation(strict_gemms, granularity, dtype, m):
     _, int_mm = strict_gemms
     spec = QuantSpec("int8", granularity)
-    path = cuda_quant.path_for(spec, [(8, 0)])
+    path = cuda_quant.path_for(spec, [(8, 0)], use_torchao=False)
     assert isinstance(path, cuda_quant.IntMMLinearPath)
     x, w, b = _linear_case(dtype, m=m)
     qw, scale = path.quantize_weight(w)
@@ -323,7 +325,7 @@ def test_int8_int_mm_path_matches_cpu_ref_emulation(strict_gemms, granularity, d
 @pytest.mark.parametrize("scheme", ["fp8", "int8"])
 def test_weight_only_path_matches_cpu_ref_emulation(scheme):
     spec = QuantSpec(scheme, "row", weight_only=True)
-    path = cuda_quant.path_for(spec, [(7, 5)])
+    path = cuda_quant.path_for(spec, [(7, 5)], use_torchao=False)
     x, w, b = _linear_case(torch.float32)
     qw, scale = path.quantize_weight(w)
     assert qw.element_size() == 1
@@ -332,7 +334,8 @@ def test_weight_only_path_matches_cpu_ref_emulation(scheme):
     assert ((y - ref).abs().max() / ref.abs().max()).item() <= 1e-5
 
 
-def test_quant_paths_follow_compute_capability(gpu, backend):
+def test_quant_paths_follow_compute_capability(gpu, backend, monkeypatch):
+    monkeypatch.setenv("CACHEDIT_CUDA_TORCHAO", "0")  # the plugin's own paths (torchao's: below)
     fp8, int8 = QuantSpec("fp8", "row"), QuantSpec("int8", "tensor")
     gpu(capabilities=((8, 0),))
     assert cuda_plugin.cachedit_quantized_linear(backend, fp8) is None
@@ -351,7 +354,7 @@ def test_quant_paths_follow_compute_capability(gpu, backend):
 def test_layers_the_gemm_cannot_take_run_the_same_math_without_it(strict_gemms, scheme, granularity):
     scaled_mm, int_mm = strict_gemms
     spec = QuantSpec(scheme, granularity)
-    path = cuda_quant.path_for(spec, [(9, 0)])
+    path = cuda_quant.path_for(spec, [(9, 0)], use_torchao=False)
     g = torch.Generator().manual_seed(0)
     w, x, b = torch.randn(50, 36, generator=g), torch.randn(3, 7, 36, generator=g), torch.randn(50, generator=g)
     qw, scale = path.quantize_weight(w)
@@ -360,6 +363,84 @@ def test_layers_the_gemm_cannot_take_run_the_same_math_without_it(strict_gemms, 
     ref = EmulatedLinearPath(spec).linear(x, *ref_quantize(w, scheme, granularity), b)
     assert ((y - ref).abs().max() / ref.abs().max()).item() <= 1e-5
     assert not scaled_mm.calls and not int_mm.calls  # the GEMM kernels (which would refuse) were not called
+
+
+# -- torchao path: its int8 and weight-only configs run on a CPU, so they run here for real ---------------------
+TORCHAO_CPU_SPECS = [QuantSpec("int8", "tensor"), QuantSpec("int8", "row"), QuantSpec("int8", "row", True),
+                     QuantSpec("fp8", "row", True), QuantSpec("fp8", "tensor", True)]
+
+
+@pytest.mark.parametrize("spec", TORCHAO_CPU_SPECS, ids=lambda s: f"{s.scheme}-{s.granularity}-wo{int(s.weight_only)}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_torchao_path_matches_cpu_ref_emulation(spec, dtype):
+    pytest.importorskip("torchao")
+    path = cuda_quant.path_for(spec, [(9, 0)], use_torchao=True)
+    assert isinstance(path, cuda_ao.TorchaoLinearPath)
+    x, w, b = _linear_case(dtype)
+    linear = torch.nn.Linear(64, 48, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(w), linear.bias.copy_(b)
+    before = linear.weight.detach().clone()
+    module = path.quantize_module(linear)
+    assert torch.equal(linear.weight, before) and type(linear.weight) is torch.nn.Parameter  # original untouched
+    assert type(module.weight).__name__ != "Parameter" and weight_bytes(module) < 0.6 * weight_bytes(linear)
+    y = module(x)
+    ref = EmulatedLinearPath(spec).linear(x, *ref_quantize(w, spec.scheme, spec.granularity), b)
+    exact = torch.nn.functional.linear(x.double(), w.double(), b.double())
+    rel = ((y.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+    rel_exact = ((y.double() - exact).abs().max() / exact.abs().max()).item()
+    # torchao's int8 scale is amax / 127.5 where ours is amax / 127: the two quantizations of the same
+    # operands differ by up to one code, so against the emulation allow a few codes' worth (measured <= 0.9%)
+    assert y.dtype == dtype and y.shape == ref.shape and rel <= 0.015, rel
+    assert rel_exact <= 0.03, rel_exact
+
+
+def test_torchao_is_preferred_when_installed_and_follows_capability(gpu, backend, monkeypatch):
+    pytest.importorskip("torchao")
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor
+
+    gpu(capabilities=((9, 0),))
+    fp8 = QuantSpec("fp8", "row")
+    assert isinstance(cuda_plugin.cachedit_quantized_linear(backend, fp8), cuda_ao.TorchaoLinearPath)
+    config = cuda_ao.config_for(fp8)
+    assert isinstance(config, Float8DynamicActivationFloat8WeightConfig)
+    assert [type(g) for g in config.granularity] == [PerRow, PerRow]  # activations and weights
+    assert [type(g) for g in cuda_ao.config_for(QuantSpec("fp8", "tensor")).granularity] == [PerTensor, PerTensor]
+    assert cuda_ao.config_for(fp8).set_inductor_config is False  # the plugin's compile options stay in charge
+    assert cuda_plugin.kernel_report()["torchao_path"] == "used for every offered scheme"
+    gpu(capabilities=((8, 0),))
+    assert cuda_plugin.cachedit_quantized_linear(backend, fp8) is None  # torchao does not lift the 8.9 rule
+    monkeypatch.setenv("CACHEDIT_CUDA_TORCHAO", "0")
+    assert isinstance(cuda_plugin.cachedit_quantized_linear(backend, QuantSpec("int8", "row")),
+                      cuda_quant.IntMMLinearPath)
+    assert "CACHEDIT_CUDA_TORCHAO=0" in cuda_plugin.kernel_report()["torchao_path"]
+
+
+def test_torchao_path_quantizes_a_transformer_reversibly():
+    pytest.importorskip("torchao")
+    from cachedit.config import QuantConfig
+    from cachedit.quant.linear import apply_quantization, remove_quantization
+    from cachedit.testing.tiny import tiny_pipeline
+
+    transformer = tiny_pipeline("flux").transformer
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 16, transformer.config.in_channels, generator=g),
+                  encoder_hidden_states=torch.randn(1, 8, transformer.config.joint_attention_dim, generator=g),
+                  pooled_projections=torch.randn(1, transformer.config.pooled_projection_dim, generator=g),
+                  timestep=torch.tensor([0.5]), guidance=torch.tensor([3.5]), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3),
+                  return_dict=False)
+    with torch.no_grad():
+        ref = transformer(**inputs)[0]
+        full = weight_bytes(transformer)
+        swapped = apply_quantization(transformer, QuantConfig(scheme="int8"),
+                                     cuda_quant.path_for(QuantSpec("int8", "row"), [(9, 0)], use_torchao=True))
+        quantized = transformer(**inputs)[0]
+        small = weight_bytes(transformer)
+        remove_quantization(swapped)
+        back = transformer(**inputs)[0]
+    assert torch.equal(back, ref)  # the float linears came back
+    assert small < 0.6 * full, (small, full)
+    assert ((quantized - ref).norm() / ref.norm()).item() < 0.05
 
 
 # -- compile options ----------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def apply_quantization(transformer: nn.Module, config: QuantConfig, path: Quanti
         parent_name, _, attr = name.rpartition(".")
         parent = transformer.get_submodule(parent_name) if parent_name else transformer
         device = linear.weight.device
-        setattr(parent, attr, QuantizedLinear(linear, path))
+        setattr(parent, attr, path.quantize_module(linear) or QuantizedLinear(linear, path))
         keep = linear.to("cpu") if config.keep_original else None
         swapped.places.append((parent, attr, keep, device))
     return swapped
@@ -71,11 +71,21 @@ def remove_quantization(swapped: Swapped) -> None:
         setattr(parent, attr, original.to(device))
 
 
+def _plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding `t`'s data: tensor subclasses (torchao's quantized weights) report
+    their logical dtype, so their inner tensors are what occupies memory."""
+    if type(t) in (torch.Tensor, nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [p for name in names for p in _plain_tensors(getattr(t, name))]
+
+
 def weight_bytes(module: nn.Module) -> int:
     """Bytes of every parameter and buffer the module tree holds (shared tensors counted once)."""
     seen, total = set(), 0
     for t in list(module.parameters()) + list(module.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
+        for plain in _plain_tensors(t):
+            if plain.data_ptr() not in seen:
+                seen.add(plain.data_ptr())
+                total += plain.numel() * plain.element_size()
     return total

@@ -44,3 +44,8 @@ class QuantizedLinearPath:
                bias: torch.Tensor | None) -> torch.Tensor:
         """y = x W^T + b with the quantized weight; output in x's dtype."""
         raise NotImplementedError
+
+    def quantize_module(self, linear):
+        """Optional: a whole replacement module for `linear` (e.g. a library's own quantized linear),
+        which must not modify `linear`; None (the default) means `quantize_weight` + `linear`."""
+        return None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from cachedit import Backend, hookimpl
 
-from . import attention, quant
+from . import ao, attention, quant
 from .communicator import NcclCommunicator
 from .device import device_capabilities, probe
 
@@ -46,7 +46,7 @@ def kernel_report() -> dict:
         "kernels": [k.name for k in kernels], "skipped_kernels": skipped,
         "quant": {f"{s.scheme}/{s.granularity}{'/weight_only' if s.weight_only else ''}":
                   quant.unsupported(s, caps) or quant.path_for(s, caps).name for s in specs},
-        "torchao": quant.torchao_version(),
+        "torchao": quant.torchao_version(), "torchao_path": ao.usable() or "used for every offered scheme",
     }
 
 

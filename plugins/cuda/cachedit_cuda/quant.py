@@ -17,18 +17,19 @@
 - weight-only (fp8 or int8): one-byte weights dequantized to the input's dtype before F.linear (saves
   weight memory, not compute).
 
-torchao is not needed; `torchao_version()` reports it when installed.
+When torchao is installed (and `CACHEDIT_CUDA_TORCHAO` is not "0"), every supported scheme runs
+through torchao's own quantized linears instead (`ao.py`); the capability rules above still decide
+what is offered.
 """
 
 from __future__ import annotations
-
-import importlib.metadata
 
 import torch
 import torch.nn.functional as F
 
 from cachedit.quant.spec import QDTYPE, QMAX, QuantizedLinearPath, QuantSpec
 
+from . import ao
 from .device import describe
 
 FP8_MIN_CAPABILITY = (8, 9)  # torch._scaled_mm: "compute capability >= 9.0 or 8.9"
@@ -156,17 +157,17 @@ def unsupported(spec: QuantSpec, caps: list[tuple[int, int]]) -> str:
     return f"unknown scheme {spec.scheme!r}"
 
 
-def path_for(spec: QuantSpec, caps: list[tuple[int, int]]) -> QuantizedLinearPath | None:
+def path_for(spec: QuantSpec, caps: list[tuple[int, int]], use_torchao: bool | None = None) -> QuantizedLinearPath | None:
+    """The path for `spec`; torchao's when `use_torchao` (None: whenever `ao.usable()`)."""
     if unsupported(spec, caps):
         return None
+    if use_torchao or (use_torchao is None and not ao.usable()):
+        return ao.TorchaoLinearPath(spec)
     if spec.weight_only:
         return DequantLinearPath(spec)
     return ScaledMMLinearPath(spec) if spec.scheme == "fp8" else IntMMLinearPath(spec)
 
 
 def torchao_version() -> str | None:
-    """torchao's version when installed (optional; these paths do not use it)."""
-    try:
-        return importlib.metadata.version("torchao")
-    except importlib.metadata.PackageNotFoundError:
-        return None
+    """torchao's version when installed."""
+    return ao.version()
