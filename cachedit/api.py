@@ -14,6 +14,7 @@ from . import hooks
 from .adapters import Adapter, adapter_for, transformers_of
 from .attention import TORCH_SDPA, AttentionRouter, select_kernel
 from .cache.dbcache import apply_cache, remove_cache
+from .fusion import fuse_qkv, unfuse_qkv
 from .parallel.cfg import apply_cfg_parallel, check_cfg_parallel, remove_cfg_parallel
 from .parallel.context import apply_context_parallel, check_context_parallel, cp_mode, remove_context_parallel
 from .quant.linear import Swapped, apply_quantization, quantizable, remove_quantization, weight_bytes
@@ -74,6 +75,7 @@ class _Applied:
     cfg_parallel: list = field(default_factory=list)  # transformer names
     num_steps_override: int | None = None
     compile_options: dict = field(default_factory=dict)
+    fused_qkv: dict = field(default_factory=dict)  # transformer name -> fusion.FusedQKV
 
 
 def _head_dim(transformer: nn.Module) -> int | None:
@@ -156,9 +158,16 @@ def accelerate(pipe, device: str = "auto", cache=None, parallel=None, quantize=N
     try:
         kernels = manager().attention_kernels(backend)
         for name, transformer in transformers_of(pipe).items():
+            if compile_cfg is not None:
+                target = CompileTarget("transformer_block", adapters[name].family, compile_cfg)
+                state.compile_options = manager().compile_options(backend, target)
+                fuse = state.compile_options.pop("fuse_qkv", False)
+                if fuse and adapters[name].fuses_qkv and (parallel_cfg is None or parallel_cfg.tensor == 1):
+                    state.fused_qkv[name] = fuse_qkv(transformer)  # before quantization: it quantizes the fused
             if quant_cfg is not None:
                 path = manager().quantized_linear(backend, QuantSpec.from_config(quant_cfg))
-                state.quantized[name] = apply_quantization(transformer, quant_cfg, path)
+                skip = set(state.fused_qkv[name].aliased) if name in state.fused_qkv else frozenset()
+                state.quantized[name] = apply_quantization(transformer, quant_cfg, path, skip)
             context_parallel = parallel_cfg is not None and cp_mode(parallel_cfg) is not None
             if attention != TORCH_SDPA.name or context_parallel:  # torch_sdpa alone: nothing to route
                 router = AttentionRouter(kernels, attention)
@@ -166,8 +175,6 @@ def accelerate(pipe, device: str = "auto", cache=None, parallel=None, quantize=N
                     hooks.attach(module, AttentionHook(router), ATTENTION_HOOK)
                 state.routers[name] = router
             if compile_cfg is not None:
-                target = CompileTarget("transformer_block", adapters[name].family, compile_cfg)
-                state.compile_options = manager().compile_options(backend, target)
                 for block in adapters[name].blocks(transformer):
                     hooks.attach(block, CompileHook(state.compile_options), COMPILE_HOOK)
                     state.compiled.append(block)
@@ -208,6 +215,8 @@ def disable(pipe):
             hooks.detach(module, ATTENTION_HOOK)
     for swapped in state.quantized.values():
         remove_quantization(swapped)
+    for fused in state.fused_qkv.values():
+        unfuse_qkv(fused)
     for transformer in transformers_of(pipe).values():
         _invalidate_registry_cache(transformer)
     delattr(pipe, STATE_ATTR)
@@ -267,7 +276,9 @@ def summary(pipe) -> dict[str, Any]:
                       "kernels": {n: sorted({k.name for k in state.routers[n].chosen.values()})
                                   if n in state.routers else [TORCH_SDPA.name] for n in state.adapters},
                       "eager_calls": {n: dict(r.calls) for n, r in state.routers.items()}},
-        "compile": None if state.compile is None else {"blocks": len(state.compiled), **state.compile_options},
+        "compile": None if state.compile is None else {
+            "blocks": len(state.compiled), **state.compile_options,
+            "fused_qkv_modules": {n: len(f.modules) for n, f in state.fused_qkv.items()}},
         "cache": None if state.cache is None else {
             "config": vars(state.cache), **{n: _cache_report(c) for n, c in state.caches.items()}},
         "parallel": None if state.parallel is None else vars(state.parallel),

@@ -210,9 +210,11 @@ class CompileConfig:
     dynamic: bool | None = None
     backend: str | None = None  # torch.compile backend; None means the cachedit backend's choice
     options: dict = field(default_factory=dict)
+    fuse_qkv: bool | None = None  # one GEMM for q/k/v where the model supports it; None: the backend's choice
 
     def __post_init__(self) -> None:
         _check_choice("CompileConfig", "mode", self.mode, COMPILE_MODES)
+        _check_choice("CompileConfig", "fuse_qkv", self.fuse_qkv, (None, False, True))
         _check_choice("CompileConfig", "fullgraph", self.fullgraph, (False, True))
         _check_choice("CompileConfig", "dynamic", self.dynamic, (None, False, True))
         if self.backend is not None and not isinstance(self.backend, str):
@@ -223,7 +225,8 @@ class CompileConfig:
             _fail("CompileConfig", "options", self.options, "empty when mode is set (torch.compile takes one of them)")
 
     def __hash__(self) -> int:
-        return hash((self.mode, self.fullgraph, self.dynamic, self.backend, tuple(sorted(self.options.items()))))
+        return hash((self.mode, self.fullgraph, self.dynamic, self.backend, tuple(sorted(self.options.items())),
+                     self.fuse_qkv))
 
 
 @dataclass(frozen=True)

@@ -21,4 +21,4 @@ def cachedit_communicator(backend, group):
 
 @hookimpl(trylast=True)
 def cachedit_compile_options(backend, target):
-    return {"fullgraph": target.config.fullgraph, "dynamic": target.config.dynamic}
+    return {"fullgraph": target.config.fullgraph, "dynamic": target.config.dynamic, "fuse_qkv": False}

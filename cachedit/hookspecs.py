@@ -61,4 +61,6 @@ def cachedit_compile_options(backend, target):
     `target` is a `cachedit.config.CompileTarget` (what is being compiled and with which
     user config). Answers are merged in call order, later plugins overriding earlier ones; the
     core's trylast default supplies the baseline and the user's own `CompileConfig` wins last.
+    One key is the core's, not torch.compile's: `fuse_qkv` (bool) fuses the attention q/k/v
+    projections into one GEMM where the model supports it (the core default is False).
     """

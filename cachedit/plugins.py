@@ -164,7 +164,7 @@ class PluginManager:
         for _plugin, answer in reversed(self.call_each("cachedit_compile_options", backend=backend, target=target)):
             merged.update(answer)
         cfg = target.config
-        user = {"mode": cfg.mode, "backend": cfg.backend, "options": dict(cfg.options) or None}
+        user = {"mode": cfg.mode, "backend": cfg.backend, "options": dict(cfg.options) or None, "fuse_qkv": cfg.fuse_qkv}
         merged.update({k: v for k, v in user.items() if v is not None})
         if merged.get("mode") is not None:
             merged.pop("options", None)

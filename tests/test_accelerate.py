@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import cachedit
+from cachedit.quant.linear import weight_bytes
 from cachedit.testing.tiny import TINY_FAMILIES, tiny_call_kwargs, tiny_pipeline
 
 PROMPT = "a photo of a cat"
@@ -97,6 +98,8 @@ BAD_INPUTS = [
     (dict(quantize={"scheme": "fp4"}), "QuantConfig.scheme='fp4' is invalid; allowed values: 'fp8', 'int8'"),
     (dict(quantize={"scheme": "fp8", "weight_only": True}), "QuantConfig.weight_only=True is invalid"),
     (dict(compile={"mode": "fast"}), "CompileConfig.mode='fast' is invalid; allowed values: None, 'default'"),
+    (dict(compile={"fuse_qkv": "yes"}), "CompileConfig.fuse_qkv='yes' is invalid; allowed values: None, False, True"),
+    (dict(parallel={"ulysses": 2, "vae": "yes"}), "ParallelConfig.vae='yes' is invalid; allowed values: False, True"),
     (dict(attention="flash3"), "attention='flash3' is not a kernel of this backend; allowed values: 'auto', "),
     (dict(attention=5), "attention=5 is invalid"),
 ]
@@ -160,15 +163,41 @@ def test_compile_per_block_with_cpu_inductor():
     before = _run(pipe, "flux")
     torch._dynamo.reset()
     dynamo_utils.counters.clear()
-    cachedit.accelerate(pipe, device="cpu_ref", compile=True)
+    weights = weight_bytes(pipe.transformer)
+    cachedit.accelerate(pipe, device="cpu_ref", compile=dict(fuse_qkv=True))
     during = _run(pipe, "flux")
     assert dict(dynamo_utils.counters["graph_break"]) == {}, "the attention router broke the block graphs"
     assert cachedit.summary(pipe)["attention"]["kernels"] == {"transformer": ["math"]}
     info = cachedit.summary(pipe)["compile"]
-    assert info["blocks"] == 4 and info["backend"] == "inductor"
+    assert info["blocks"] == 4 and info["backend"] == "inductor" and "fuse_qkv" not in info
+    assert info["fused_qkv_modules"] == {"transformer": 4}  # 2 double-block + 2 single-block attentions
+    assert weight_bytes(pipe.transformer) == weights  # the separate q/k/v weights are views of the fused ones
     assert (during - before).abs().max().item() <= ROUTED_ATOL
     blocks = list(pipe.transformer.transformer_blocks) + list(pipe.transformer.single_transformer_blocks)
     assert all("cachedit.compile" in b._diffusers_hook.hooks for b in blocks)
     cachedit.disable(pipe)
     assert not any(hasattr(b, "_diffusers_hook") for b in blocks)
+    assert not any(hasattr(b.attn, "to_qkv") or b.attn.fused_projections for b in blocks)
     assert torch.equal(_run(pipe, "flux"), before)
+
+
+@pytest.mark.parametrize("family", ["flux", "wan"])
+def test_fused_qkv_with_quantization_quantizes_the_fused_linears(family):
+    """Row-wise scales are per output channel, so quantizing to_qkv equals quantizing q, k and v apart."""
+    pipe = tiny_pipeline(family)
+    eager = dict(backend="eager")  # dynamo only: the fusion, not inductor, is under test
+    cachedit.accelerate(pipe, device="cpu_ref", quantize=dict(scheme="int8", granularity="row"), compile=eager)
+    separate = _run(pipe, family)
+    assert cachedit.summary(pipe)["compile"]["fused_qkv_modules"] == {}  # cpu_ref's default: no fusion
+    cachedit.disable(pipe)
+    before = _run(pipe, family)
+    cachedit.accelerate(pipe, device="cpu_ref", quantize=dict(scheme="int8", granularity="row"),
+                        compile=dict(eager, fuse_qkv=True))
+    fused = _run(pipe, family)
+    attn = next(m for m in pipe.transformer.modules() if getattr(m, "fused_projections", False))
+    assert type(attn.to_qkv).__name__ == "QuantizedLinear" and type(attn.to_q) is torch.nn.Linear
+    assert cachedit.summary(pipe)["quantize"]["linears"]["transformer"] < sum(
+        type(m) is torch.nn.Linear for m in tiny_pipeline(family).transformer.modules())
+    assert (fused - separate).abs().max().item() <= 1e-5
+    cachedit.disable(pipe)
+    assert torch.equal(_run(pipe, family), before)

@@ -250,6 +250,7 @@ def test_hccl_communicator_is_the_core_one(backend):
 def test_compile_options_pick_torch_npus_dynamo_backend(monkeypatch, backend, registered, mode, expected):
     monkeypatch.setattr(ascend_plugin, "_dynamo_backends", lambda: set(registered))
     opts = manager().compile_options(backend, CompileTarget("transformer_block", "flux", CompileConfig(mode=mode)))
+    assert opts.pop("fuse_qkv") is True  # the core's key, popped before torch.compile
     assert set(opts) <= set(inspect.signature(torch.compile).parameters) - {"model"}
     assert opts.get("backend") == expected and opts["dynamic"] is False
     assert not ("mode" in opts and "options" in opts)

@@ -449,6 +449,7 @@ def test_torchao_path_quantizes_a_transformer_reversibly():
                          ids=["default", "reduce-overhead", "dynamic", "user-options"])
 def test_compile_options_are_valid_torch_compile_arguments(backend, config):
     opts = manager().compile_options(backend, CompileTarget("transformer_block", "flux", config))
+    assert opts.pop("fuse_qkv") is True  # the core's key (one q/k/v GEMM), popped before torch.compile
     assert set(opts) <= set(inspect.signature(torch.compile).parameters) - {"model"}
     assert opts["backend"] == "inductor" and not ("mode" in opts and "options" in opts)
     # inductor validates the option names the way torch.compile(backend="inductor") does

@@ -33,6 +33,7 @@ class Adapter:
     block_lists: tuple[str, ...]
     text_arg: str | None = "encoder_hidden_states"
     pure_modules: tuple[str, ...] = ()  # children that are pure functions of their inputs (rotary embeddings)
+    fuses_qkv: bool = False  # its attention processors use fused q/k/v linears when `fused_projections` is set
 
     def blocks(self, transformer: nn.Module) -> list[nn.Module]:
         out: list[nn.Module] = []
@@ -177,14 +178,14 @@ def transformers_of(pipe) -> dict[str, nn.Module]:
 
 
 for _cls, _adapter in {
-    "FluxTransformer2DModel": Adapter("flux", ("transformer_blocks", "single_transformer_blocks"),
+    "FluxTransformer2DModel": Adapter("flux", ("transformer_blocks", "single_transformer_blocks"), fuses_qkv=True,
                                       pure_modules=("pos_embed",)),
-    "Flux2Transformer2DModel": Adapter("flux2", ("transformer_blocks", "single_transformer_blocks"),
+    "Flux2Transformer2DModel": Adapter("flux2", ("transformer_blocks", "single_transformer_blocks"), fuses_qkv=True,
                                        pure_modules=("pos_embed",)),
-    "ChromaTransformer2DModel": Adapter("chroma", ("transformer_blocks", "single_transformer_blocks"),
+    "ChromaTransformer2DModel": Adapter("chroma", ("transformer_blocks", "single_transformer_blocks"), fuses_qkv=True,
                                         pure_modules=("pos_embed",)),
     "QwenImageTransformer2DModel": Adapter("qwenimage", ("transformer_blocks",), pure_modules=("pos_embed",)),
-    "WanTransformer3DModel": Adapter("wan", ("blocks",)),
+    "WanTransformer3DModel": Adapter("wan", ("blocks",), fuses_qkv=True),
     "SD3Transformer2DModel": Adapter("sd3", ("transformer_blocks",)),
     "ZImageTransformer2DModel": Adapter("zimage", ("layers",), text_arg=None),
 }.items():

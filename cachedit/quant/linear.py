@@ -48,14 +48,16 @@ class Swapped:
                                "the quantized linears cannot be restored; reload the pipeline instead")
 
 
-def quantizable(transformer: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Linear]]:
+def quantizable(transformer: nn.Module, config: QuantConfig, skip=frozenset()) -> list[tuple[str, nn.Linear]]:
+    """The linears to quantize: not excluded by name, not in `skip` (e.g. projections now run fused)."""
     return [(name, m) for name, m in transformer.named_modules()
-            if type(m) is nn.Linear and not config.excludes(name)]
+            if type(m) is nn.Linear and not config.excludes(name) and m not in skip]
 
 
-def apply_quantization(transformer: nn.Module, config: QuantConfig, path: QuantizedLinearPath) -> Swapped:
+def apply_quantization(transformer: nn.Module, config: QuantConfig, path: QuantizedLinearPath,
+                       skip=frozenset()) -> Swapped:
     swapped = Swapped()
-    for name, linear in quantizable(transformer, config):
+    for name, linear in quantizable(transformer, config, skip):
         parent_name, _, attr = name.rpartition(".")
         parent = transformer.get_submodule(parent_name) if parent_name else transformer
         device = linear.weight.device
@@ -81,11 +83,13 @@ def _plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
 
 
 def weight_bytes(module: nn.Module) -> int:
-    """Bytes of every parameter and buffer the module tree holds (shared tensors counted once)."""
+    """Bytes of the storage behind every parameter and buffer of the module tree (storage shared by
+    several tensors, e.g. views of a fused weight, counted once)."""
     seen, total = set(), 0
     for t in list(module.parameters()) + list(module.buffers()):
         for plain in _plain_tensors(t):
-            if plain.data_ptr() not in seen:
-                seen.add(plain.data_ptr())
-                total += plain.numel() * plain.element_size()
+            storage = plain.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
     return total

@@ -117,7 +117,7 @@ def cachedit_compile_options(backend, target):
     if backend.name != NAME:
         return None
     cfg = target.config
-    options = {"dynamic": False if cfg.dynamic is None else cfg.dynamic}
+    options = {"dynamic": False if cfg.dynamic is None else cfg.dynamic, "fuse_qkv": True}  # one q/k/v GEMM
     name, _ = compile_backend(cfg.mode)
     if name is not None:
         options["backend"] = name

@@ -82,7 +82,8 @@ def cachedit_compile_options(backend, target):
     if backend.name != NAME:
         return None
     cfg = target.config
-    options = {"backend": "inductor", "dynamic": False if cfg.dynamic is None else cfg.dynamic}
+    # fuse_qkv: one q/k/v GEMM per attention where the model supports it (fewer, larger GEMMs)
+    options = {"backend": "inductor", "dynamic": False if cfg.dynamic is None else cfg.dynamic, "fuse_qkv": True}
     if cfg.mode is None and cfg.backend in (None, "inductor"):  # a mode replaces these options
         options["options"] = dict(DIT_INDUCTOR_OPTIONS)
     return options
