@@ -1,0 +1,152 @@
+"""ControlNet under context parallelism: the transformer adds the ControlNet's residuals to its own
+sequence shard, so the residuals must be split the way its image tokens are.
+
+- `ParallelConfig.controlnet=True`: the ControlNet gets the transformer's context-parallel plan
+  (`apply_context_parallel` with the plan registered here): its image, control and text tokens and
+  their position ids are split like the transformer's, its attention goes through the same Ulysses /
+  Ring exchange, and its residuals are never gathered: each rank holds exactly the rows of its own
+  image tokens, 1/world of the ControlNet's work.
+- `controlnet=False`: the ControlNet runs whole on every rank and the transformer splits the
+  residuals at its entry, like its hidden states.
+
+Either way a hook on each context-parallel transformer checks the residuals' length and splits
+them when they are whole, so a mismatch is a clear error, never a silent broadcast.
+Tensor parallelism for the ControlNet is not implemented.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+from diffusers.hooks import ModelHook
+
+from .. import hooks
+from ..attention import AttentionRouter
+from .context import apply_context_parallel, check_context_parallel, cp_mode, remove_context_parallel
+from .plans import CPPlan, Split, register_cp_plan
+from .ulysses import split_sizes
+
+RESIDUAL_HOOK = "cachedit.controlnet.residuals"
+RESIDUALS = ("controlnet_block_samples", "controlnet_single_block_samples")  # (batch, image tokens, dim) each
+SUPPORTED_CONTROLNETS = ("FluxControlNetModel",)  # alone or inside a FluxMultiControlNetModel
+
+
+def _flux_controlnet_plan(controlnet: nn.Module) -> CPPlan:
+    """As FluxTransformer2DModel's `_cp_plan` at the entry, plus the control tokens; no gather."""
+    seq, ids = Split(split_dim=1, expected_dims=3), Split(split_dim=0, expected_dims=2)
+    return CPPlan(((("", {"hidden_states": seq, "controlnet_cond": seq, "encoder_hidden_states": seq,
+                          "img_ids": ids, "txt_ids": ids})),))
+
+
+register_cp_plan("FluxControlNetModel", _flux_controlnet_plan)
+
+
+def _nets(controlnet: nn.Module) -> list[nn.Module]:
+    nets = getattr(controlnet, "nets", None)  # Flux / SD3 multi-ControlNet wrappers
+    return list(nets) if isinstance(nets, nn.ModuleList) else [controlnet]
+
+
+def check_controlnet_parallel(pipe, config, kernels, attention, head_dim) -> None:
+    """Every check that can fail before the ControlNet is hooked (ValueError)."""
+    if not config.controlnet:
+        return
+    if cp_mode(config) is None:
+        raise ValueError("ParallelConfig.controlnet=True gives the ControlNet the transformer's context-parallel "
+                         f"plan; allowed: True only with ulysses > 1 or ring > 1 (got ulysses={config.ulysses}, "
+                         f"ring={config.ring})")
+    if config.tensor > 1:
+        raise ValueError(f"ParallelConfig.controlnet=True with tensor={config.tensor}: tensor parallelism for the "
+                         "ControlNet is not implemented; allowed: tensor=1 with controlnet=True")
+    controlnet = getattr(pipe, "controlnet", None)
+    if controlnet is None:
+        raise ValueError(f"ParallelConfig.controlnet=True: pipe ({type(pipe).__name__}) has no `controlnet`; "
+                         "allowed: False for pipelines without one")
+    nets = _nets(controlnet)
+    for i, net in enumerate(nets):
+        where = "pipe.controlnet" + (f".nets[{i}]" if net is not controlnet else "")
+        if type(net).__name__ not in SUPPORTED_CONTROLNETS:
+            raise ValueError(f"ParallelConfig.controlnet=True: {where} is {type(net).__name__}; supported: "
+                             f"{', '.join(SUPPORTED_CONTROLNETS)} (or controlnet=False: it runs whole on every rank)")
+        if getattr(net, "union", False) or getattr(net, "input_hint_block", None) is not None:
+            raise ValueError(f"ParallelConfig.controlnet=True: {where} is a union (mode-token) or image-hint "
+                             "ControlNet, whose extra inputs don't split with the sequence; use controlnet=False")
+    check_context_parallel({f"controlnet.nets[{i}]" if len(nets) > 1 else "controlnet": net
+                            for i, net in enumerate(nets)}, config, kernels, attention, head_dim)
+
+
+class ResidualSplitHook(ModelHook):
+    """Outermost on a context-parallel transformer: ControlNet residuals as long as the whole image
+    are split like the hidden states; residuals already split (controlnet=True) must be this rank's length."""
+
+    def __init__(self, state, presplit: bool) -> None:
+        super().__init__()
+        self.state, self.presplit = state, presplit
+
+    def pre_forward(self, module, *args, **kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        for name in RESIDUALS:
+            if kwargs.get(name) is not None:
+                kwargs[name] = [self._split(s, hidden.shape[1], name) for s in kwargs[name]]
+        return args, kwargs
+
+    def _split(self, sample, tokens: int, name: str):
+        state = self.state
+        mine = split_sizes(tokens, state.world_size)[state.rank]
+        want = mine if self.presplit else tokens
+        if sample.shape[1] != want:
+            share = "this rank's share" if self.presplit else "all"
+            raise ValueError(f"context parallelism: {name} has {sample.shape[1]} tokens on dim 1, expected {want} "
+                             f"({share} of the transformer's {tokens} image tokens)")
+        return sample if self.presplit else state.shard(sample, 1, f"{name} of the transformer")
+
+
+@dataclass
+class ControlNetParallel:
+    """What `apply_controlnet_parallel` changed, so removal undoes exactly that."""
+
+    context_parallel: list = field(default_factory=list)  # parallel.context.ContextParallel per net
+    routers: list = field(default_factory=list)
+    attention: list = field(default_factory=list)  # (module, hook name) routed through a router
+    residuals: list = field(default_factory=list)  # transformers carrying the ResidualSplitHook
+
+    def stats(self) -> list[dict]:
+        return [cp.stats() for cp in self.context_parallel]
+
+
+def apply_controlnet_parallel(pipe, config, backend, kernels, attention, context_parallel: dict) -> ControlNetParallel:
+    """Hook `pipe.controlnet` (controlnet=True) and every context-parallel transformer of `pipe`
+    (`context_parallel`: transformer name -> ContextParallel) for ControlNet residuals."""
+    from ..api import ATTENTION_HOOK, AttentionHook, _attention_modules  # here: api imports this module
+
+    applied = ControlNetParallel()
+    try:
+        if config.controlnet:
+            for net in _nets(pipe.controlnet):
+                router = AttentionRouter(kernels, attention)
+                for module in _attention_modules(net):
+                    hooks.attach(module, AttentionHook(router), ATTENTION_HOOK)
+                    applied.attention.append((module, ATTENTION_HOOK))
+                applied.routers.append(router)
+                applied.context_parallel.append(apply_context_parallel(net, config, backend, router))
+        for name, cp in context_parallel.items():
+            transformer = getattr(pipe, name)
+            hooks.attach(transformer, ResidualSplitHook(cp.state, config.controlnet), RESIDUAL_HOOK)
+            applied.residuals.append(transformer)
+    except BaseException:
+        remove_controlnet_parallel(applied)
+        raise
+    return applied
+
+
+def remove_controlnet_parallel(applied: ControlNetParallel) -> None:
+    """Undo `apply_controlnet_parallel` exactly, in reverse order."""
+    for transformer in reversed(applied.residuals):
+        hooks.detach(transformer, RESIDUAL_HOOK)
+    for cp in reversed(applied.context_parallel):
+        remove_context_parallel(cp)
+    for module, name in reversed(applied.attention):
+        hooks.detach(module, name)
+    applied.residuals.clear()
+    applied.context_parallel.clear()
+    applied.attention.clear()
