@@ -17,6 +17,11 @@ from .cache.dbcache import apply_cache, remove_cache
 from .fusion import fuse_qkv, unfuse_qkv
 from .parallel.cfg import apply_cfg_parallel, check_cfg_parallel, remove_cfg_parallel
 from .parallel.context import apply_context_parallel, check_context_parallel, cp_mode, remove_context_parallel
+from .parallel.controlnet import apply_controlnet_parallel, check_controlnet_parallel, remove_controlnet_parallel
+from .parallel.tensor import (apply_tensor_parallel, check_tensor_parallel, hybrid_mesh, remove_tensor_parallel,
+                              tensor_communicator, text_encoders_of)
+from .parallel.tp_plans import tp_plan_for
+from .parallel.vae import apply_vae_parallel, check_vae_parallel, remove_vae_parallel
 from .quant.linear import Swapped, apply_quantization, quantizable, remove_quantization, weight_bytes
 from .quant.spec import QuantSpec
 from .backend import Backend
@@ -73,6 +78,10 @@ class _Applied:
     quantized: dict[str, Swapped] = field(default_factory=dict)
     context_parallel: dict = field(default_factory=dict)  # transformer name -> parallel.context.ContextParallel
     cfg_parallel: list = field(default_factory=list)  # transformer names
+    tensor_parallel: dict = field(default_factory=dict)  # transformer name -> parallel.tensor.TensorParallel
+    text_encoders: dict = field(default_factory=dict)  # text encoder name -> parallel.tensor.TensorParallel
+    vae_parallel: Any = None  # parallel.vae.VaeParallel
+    controlnet_parallel: Any = None  # parallel.controlnet.ControlNetParallel
     num_steps_override: int | None = None
     compile_options: dict = field(default_factory=dict)
     fused_qkv: dict = field(default_factory=dict)  # transformer name -> fusion.FusedQKV
@@ -110,13 +119,18 @@ def _validate(pipe, backend: Backend, cache, parallel, quantize, compile_cfg, at
         if cache is not None:
             for stack in adapters[name].stacks(t):
                 cache.check_blocks(len(stack))
-    if parallel is not None and parallel.tensor > 1:
-        raise NotImplementedError("parallel= with a tensor degree above 1 is not implemented yet (tracked in "
-                                  "the tensor-parallel issue); use ulysses / ring / cfg")
+    if parallel is not None and parallel.tensor > 1 and quantize is not None:  # it would swap the sharded linears
+        raise ValueError(f"ParallelConfig.tensor={parallel.tensor} with quantize= is not supported; allowed: "
+                         "quantize=None when tensor > 1 (or tensor=1 with quantize)")
+    if parallel is not None and (parallel.tensor > 1 or parallel.text_encoder):
+        check_tensor_parallel(transformers, parallel, text_encoders_of(pipe) if parallel.text_encoder else None)
     if parallel is not None and parallel.cfg > 1:
         check_cfg_parallel(parallel)
     if parallel is not None and cp_mode(parallel) is not None:
         check_context_parallel(transformers, parallel, kernels, attention, _head_dim)
+    if parallel is not None:
+        check_vae_parallel(pipe, parallel)
+        check_controlnet_parallel(pipe, parallel, kernels, attention, _head_dim)
     if quantize is not None:
         spec = QuantSpec.from_config(quantize)
         if manager().quantized_linear(backend, spec) is None:
@@ -157,6 +171,8 @@ def accelerate(pipe, device: str = "auto", cache=None, parallel=None, quantize=N
     setattr(pipe, STATE_ATTR, state)
     try:
         kernels = manager().attention_kernels(backend)
+        tensor_parallel = parallel_cfg is not None and parallel_cfg.tensor > 1
+        mesh = hybrid_mesh(parallel_cfg, backend.device_type) if tensor_parallel else None
         for name, transformer in transformers_of(pipe).items():
             if compile_cfg is not None:
                 target = CompileTarget("transformer_block", adapters[name].family, compile_cfg)
@@ -174,6 +190,9 @@ def accelerate(pipe, device: str = "auto", cache=None, parallel=None, quantize=N
                 for module in _attention_modules(transformer):
                     hooks.attach(module, AttentionHook(router), ATTENTION_HOOK)
                 state.routers[name] = router
+            if tensor_parallel:  # after the router: the all-reduces run outside attention routing
+                state.tensor_parallel[name] = apply_tensor_parallel(
+                    transformer, tp_plan_for(transformer), tensor_communicator(backend, mesh))
             if compile_cfg is not None:
                 for block in adapters[name].blocks(transformer):
                     hooks.attach(block, CompileHook(state.compile_options), COMPILE_HOOK)
@@ -183,12 +202,21 @@ def accelerate(pipe, device: str = "auto", cache=None, parallel=None, quantize=N
                                                  functools.partial(_num_steps, pipe))
             if context_parallel:  # after the cache: its splits are outermost, its reduce agrees the caches
                 state.context_parallel[name] = apply_context_parallel(
-                    transformer, parallel_cfg, backend, state.routers[name], state.caches.get(name, []))
+                    transformer, parallel_cfg, backend, state.routers[name], state.caches.get(name, []), mesh=mesh)
             if parallel_cfg is not None and parallel_cfg.cfg == 2:
                 comm = manager().communicator(backend, None)
                 apply_cfg_parallel(transformer, comm)
                 state.cfg_parallel.append(name)
             _invalidate_registry_cache(transformer)
+        if state.context_parallel and getattr(pipe, "controlnet", None) is not None:  # last: outermost
+            state.controlnet_parallel = apply_controlnet_parallel(pipe, parallel_cfg, backend, kernels, attention,
+                                                                  state.context_parallel)
+        if parallel_cfg is not None and parallel_cfg.vae:
+            state.vae_parallel = apply_vae_parallel(pipe.vae, backend, kernels)
+        if parallel_cfg is not None and parallel_cfg.text_encoder:  # over every rank
+            for name, encoder in text_encoders_of(pipe).items():
+                state.text_encoders[name] = apply_tensor_parallel(encoder, tp_plan_for(encoder),
+                                                                  tensor_communicator(backend))
     except BaseException:
         disable(pipe)
         raise
@@ -202,6 +230,10 @@ def disable(pipe):
         return pipe
     for swapped in state.quantized.values():
         swapped.check_restorable()  # before anything is undone
+    if state.vae_parallel is not None:
+        remove_vae_parallel(state.vae_parallel)
+    if state.controlnet_parallel is not None:
+        remove_controlnet_parallel(state.controlnet_parallel)
     for name in state.cfg_parallel:
         remove_cfg_parallel(getattr(pipe, name))
     for cp in state.context_parallel.values():
@@ -210,6 +242,8 @@ def disable(pipe):
         remove_cache(getattr(pipe, name), caches)
     for block in state.compiled:
         hooks.detach(block, COMPILE_HOOK)
+    for tp in (*state.text_encoders.values(), *state.tensor_parallel.values()):  # before the router: attached after
+        remove_tensor_parallel(tp)
     for name in state.routers:
         for module in _attention_modules(getattr(pipe, name)):
             hooks.detach(module, ATTENTION_HOOK)
@@ -282,6 +316,10 @@ def summary(pipe) -> dict[str, Any]:
         "cache": None if state.cache is None else {
             "config": vars(state.cache), **{n: _cache_report(c) for n, c in state.caches.items()}},
         "parallel": None if state.parallel is None else vars(state.parallel),
+        "vae_parallel": None if state.vae_parallel is None else state.vae_parallel.stats(),
+        "controlnet_parallel": None if state.controlnet_parallel is None else state.controlnet_parallel.stats(),
+        "tensor_parallel": {n: {"per_call": dict(tp.per_call), **tp.stats(), "weight_bytes": weight_bytes(tp.module)}
+                            for n, tp in {**state.tensor_parallel, **state.text_encoders}.items()} or None,
         "quantize": None if state.quantize is None else {
             **vars(state.quantize), "linears": {n: len(q.places) for n, q in state.quantized.items()},
             "weight_bytes": {n: weight_bytes(getattr(pipe, n)) for n in state.quantized}},

@@ -145,17 +145,6 @@ def test_kernel_lacking_a_capability_is_a_clear_error(fresh_plugins):
     assert cachedit.summary(pipe)["attention"]["kernels"] == {"transformer": ["math"]}
 
 
-@pytest.mark.parametrize("feature,kwargs", [
-    ("parallel", dict(parallel={"tensor": 2})),
-])
-def test_features_of_later_issues_refuse_cleanly(feature, kwargs):
-    pipe = tiny_pipeline("flux")
-    snap = _snapshot(pipe)
-    with pytest.raises(NotImplementedError, match=f"{feature}="):
-        cachedit.accelerate(pipe, device="cpu_ref", **kwargs)
-    _assert_unchanged(pipe, snap)
-
-
 def test_compile_per_block_with_cpu_inductor():
     import torch._dynamo.utils as dynamo_utils
 

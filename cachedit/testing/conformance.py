@@ -223,6 +223,7 @@ def test_compile_options(cachedit_backend):
 
     opts = manager().compile_options(cachedit_backend, CompileTarget("transformer_block", "flux", CompileConfig()))
     allowed = set(inspect.signature(torch.compile).parameters) - {"model"}
+    assert isinstance(opts.pop("fuse_qkv", False), bool), "fuse_qkv (the core's key) must be a bool"
     assert set(opts) <= allowed, f"not torch.compile arguments: {set(opts) - allowed}"
     assert "mode" not in opts or "options" not in opts, "torch.compile takes mode or options, not both"
 
