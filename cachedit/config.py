@@ -136,7 +136,7 @@ class ParallelConfig:
     tensor: int = 1
     cfg: int = 1
     fp8_comm: bool = False  # Ulysses all-to-alls carry per-token float8_e4m3fn codes + scales
-    async_ulysses: bool = False  # post Ulysses' q/k/v all-to-alls together, unpack each as it lands
+    async_ulysses: bool = False  # each q/k/v all-to-all overlaps the next projection (parallel/async_ulysses.py)
     text_encoder: bool = False  # shard the pipeline's text encoders tensor-parallel over every rank
     vae: bool = False  # split the VAE decode spatially over every rank
     controlnet: bool = False  # give the pipeline's ControlNet the transformer's parallel plan

@@ -11,6 +11,7 @@ import torch
 
 import cachedit
 from cachedit.config import ParallelConfig
+from cachedit.fusion import fuse_qkv
 from cachedit.parallel import fp8
 from cachedit.testing.distributed import run_distributed
 from cachedit.testing.tiny import tiny_call_kwargs, tiny_pipeline
@@ -32,6 +33,7 @@ VARIANTS = {
 }
 U2, R2 = dict(ulysses=2), dict(ring=2)
 U4, R4, USP = dict(ulysses=4), dict(ring=4), dict(ulysses=2, ring=2)
+A2 = dict(ulysses=2, async_ulysses=True)
 # Cache cases: the threshold is set just above the statistic one process sees at the first step that may
 # cache (`_calibrated`), so ranks whose local statistics straddle it would disagree without the reduce.
 CACHE = dict(warmup_steps=1, residual_diff_threshold="calibrated")
@@ -45,20 +47,21 @@ JOBS = {
     2: [
         *[_job(f, p) for f in (*FAMILIES, "flux2", "ltx") for p in (U2, R2)],
         _job("flux", U2, "36px"), _job("flux", R2, "36px"), _job("flux", U2, "3heads_36px"),
-        _job("flux", dict(ulysses=2, async_ulysses=True), "3heads_36px"),
-        _job("zimage", dict(ulysses=2, async_ulysses=True)),
+        _job("flux", A2, "3heads_36px"), *[_job(f, A2) for f in ("flux", "qwenimage", "wan", "zimage")],
+        dict(_job("wan", A2), fuse_qkv=True),  # one q/k/v GEMM (what CompileConfig.fuse_qkv sets up)
         *[_job(f, dict(ulysses=2, fp8_comm=True)) for f in ("flux", "qwenimage", "wan", "zimage")],
         *[_job(f, U2, cache=CACHE, steps=4) for f in ("wan", "wan22", "flux")],
-        dict(kind="attention"), dict(kind="errors"), dict(kind="disable"),
+        dict(kind="attention"), dict(kind="errors"), dict(kind="disable"), dict(kind="async_processors"),
     ],
     4: [
         *[_job(f, p) for f in FAMILIES[:4] for p in (U4, R4, USP)],
         _job("wan22", U4),
         _job("flux", U4, "6heads_36px"), _job("flux", USP, "6heads_36px"), _job("flux", R4, "36px"),
         _job("flux", dict(ulysses=4, async_ulysses=True, fp8_comm=True), "6heads_36px"),
-        _job("flux", dict(ulysses=4, fp8_comm=True)),
+        _job("flux", dict(ulysses=4, fp8_comm=True)), _job("qwenimage", dict(ulysses=4, async_ulysses=True)),
+        _job("wan", dict(USP, async_ulysses=True)),
         _job("wan22", U4, cache=CACHE, steps=4), _job("wan", USP, cache=CACHE, steps=4),
-        dict(kind="attention"), dict(kind="errors"),
+        dict(kind="attention"), dict(kind="errors"), dict(kind="async_processors"),
     ],
 }
 
@@ -100,13 +103,72 @@ def _rank_worker(rank, world, jobs):
     for job in jobs:
         if job["kind"] == "pipe":
             pipe = _pipeline(job["family"], job["variant"])
+            if job.get("fuse_qkv"):
+                fuse_qkv(pipe.transformer)
+            originals = {n: m.processor for n, m in pipe.transformer.named_modules() if hasattr(m, "processor")}
             cachedit.accelerate(pipe, device="cpu_ref", parallel=job["parallel"], cache=job["cache"])
+            trace = _trace_first_attention(pipe) if job["parallel"].get("async_ulysses") else None
             images = _run(pipe, job)
             out.append(dict(images=images, pattern=_pattern(pipe) if job["cache"] else None,
                             stats={n: cp.stats() for n, cp in pipe._cachedit_state.context_parallel.items()}))
+            if trace is not None:
+                out[-1]["async"] = _async_report(pipe, trace, originals)
         else:
             out.append(globals()[f"_rank_{job['kind']}"](rank, world))
     return out
+
+
+def _trace_first_attention(pipe):
+    """Records, during the first call of the transformer's first attention module, its q/k/v projections,
+    q/k norms and all-to-alls ("post" when async, "back" when not) in order, and the processor that ran."""
+    cp = pipe._cachedit_state.context_parallel["transformer"]
+    attn = next(m for m in pipe.transformer.modules() if hasattr(m, "processor"))
+    trace = dict(events=[], processor=None, active=False)
+
+    def enter(module, args):
+        if trace["processor"] is None:
+            trace.update(active=True, processor=type(module.processor).__name__)
+
+    def leave(module, args, output):
+        trace["active"] = False
+
+    def project(name):
+        return lambda module, args: trace["events"].append(name) if trace["active"] else None
+
+    def a2a(tensor, scatter_dim, gather_dim, scatter_sizes, gather_sizes, async_op=False):
+        if trace["active"]:
+            trace["events"].append("post" if async_op else "back")
+        return type(cp.ulysses).all_to_all_uneven(cp.ulysses, tensor, scatter_dim, gather_dim, scatter_sizes,
+                                                  gather_sizes, async_op=async_op)
+
+    def a2a_even(tensor, scatter_dim, gather_dim):
+        if trace["active"]:
+            trace["events"].append("back")
+        return type(cp.ulysses).all_to_all(cp.ulysses, tensor, scatter_dim, gather_dim)
+
+    cp.ulysses.all_to_all_uneven, cp.ulysses.all_to_all = a2a, a2a_even  # this instance only
+    watched = [n for n in ("to_q", "to_k", "to_v", "to_qkv", "norm_q", "norm_k") if getattr(attn, n, None) is not None]
+    trace["handles"] = [attn.register_forward_pre_hook(enter), attn.register_forward_hook(leave),
+                        *[getattr(attn, n).register_forward_pre_hook(project(n.removeprefix("to_"))) for n in watched]]
+    return trace
+
+
+def _async_report(pipe, trace, originals):
+    """What the async-Ulysses test checks: the traced order, the processors, and that disable restores them."""
+    from cachedit.parallel.async_ulysses import _AsyncProcessor
+
+    cp = pipe._cachedit_state.context_parallel["transformer"]
+    del cp.ulysses.all_to_all_uneven, cp.ulysses.all_to_all
+    for handle in trace.pop("handles"):
+        handle.remove()
+    procs = {n: m.processor for n, m in pipe.transformer.named_modules() if hasattr(m, "processor")}
+    served = sorted({p.served for p in procs.values() if isinstance(p, _AsyncProcessor)})
+    cachedit.disable(pipe)
+    restored = all(m.processor is originals[n] for n, m in pipe.transformer.named_modules() if hasattr(m, "processor"))
+    hooked = [n for n, m in pipe.transformer.named_modules()
+              if hasattr(m, "_diffusers_hook") and any(h.startswith("cachedit") for h in m._diffusers_hook.hooks)]
+    return dict(events=trace["events"], processor=trace["processor"], served=served, restored=restored and not hooked,
+                processors=sorted({type(p).__name__ for p in procs.values()}))
 
 
 def _rank_attention(rank, world):
@@ -158,6 +220,56 @@ def _rank_attention(rank, world):
     return diffs
 
 
+def _rank_async_processors(rank, world):
+    """The Z-Image and Qwen-Image async processors called directly with key masks, uneven lengths and head
+    counts (3 heads on 2 ranks, 6 on 4), against the original processor over the whole sequence."""
+    from types import SimpleNamespace
+
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
+    from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
+
+    from cachedit.attention import TORCH_SDPA, AttentionRouter
+    from cachedit.parallel.async_ulysses import QwenImageAsyncProcessor, ZImageAsyncProcessor
+    from cachedit.parallel.communicator import Communicator
+
+    heads, dim, batch, img_len, txt_len = 3 * world // 2, 16 * 3 * world // 2, 2, 11, 7
+    cp = SimpleNamespace(ulysses=Communicator(None), ring=None, mode="ulysses", router=AttentionRouter([TORCH_SDPA]),
+                         state=SimpleNamespace(uneven=True), config=SimpleNamespace(fp8_comm=False))
+    torch.manual_seed(0)  # the same weights and inputs on every rank
+
+    def shard(x, dim=1):
+        return x.tensor_split(world, dim=dim)[rank]
+
+    def angles(*shape):
+        return torch.polar(torch.ones(*shape), torch.rand(*shape) * 6.28)
+
+    diffs = {}
+    zattn = Attention(query_dim=dim, dim_head=16, heads=heads, qk_norm="rms_norm", eps=1e-5, bias=False,
+                      out_bias=False, processor=ZSingleStreamAttnProcessor())
+    x, freqs = torch.randn(batch, img_len, dim), angles(batch, img_len, 8)
+    mask = torch.rand(batch, img_len) > 0.3
+    want = shard(zattn(x, attention_mask=mask, freqs_cis=freqs))
+    zattn.processor = ZImageAsyncProcessor(zattn.processor, cp)
+    got = zattn(shard(x), attention_mask=shard(mask), freqs_cis=shard(freqs))
+    diffs["zimage"] = (got - want).abs().max().item()
+
+    qattn = Attention(query_dim=dim, added_kv_proj_dim=dim, dim_head=16, heads=heads, out_dim=dim,
+                      context_pre_only=False, bias=True, qk_norm="rms_norm", eps=1e-6,
+                      processor=QwenDoubleStreamAttnProcessor2_0())
+    x, text = torch.randn(batch, img_len, dim), torch.randn(batch, txt_len, dim)
+    rope = (angles(img_len, 8), angles(txt_len, 8))
+    mask = torch.rand(batch, txt_len) > 0.3
+    want = qattn(x, encoder_hidden_states=text, encoder_hidden_states_mask=mask, image_rotary_emb=rope)
+    qattn.processor = QwenImageAsyncProcessor(qattn.processor, cp)
+    got = qattn(shard(x), encoder_hidden_states=shard(text), encoder_hidden_states_mask=shard(mask),
+                image_rotary_emb=tuple(shard(f, 0) for f in rope))
+    for name, g, w in zip(("qwenimage_image", "qwenimage_text"), got, want):
+        diffs[name] = (g - shard(w)).abs().max().item()
+    diffs["served"] = zattn.processor.served + qattn.processor.served
+    return diffs
+
+
 def _rank_errors(rank, world):
     """Validation under an initialised process group; each must leave the pipeline untouched."""
     messages = {}
@@ -166,7 +278,7 @@ def _rank_errors(rank, world):
         "no_lse": ("flux", "base", dict(parallel=dict(ring=world), attention="torch_sdpa")),
         "no_plan": ("sd3", "base", dict(parallel=dict(ulysses=world))),
         "heads": ("flux", "3heads_36px", dict(parallel=dict(ulysses=world)) if world > 3 else None),
-        "tensor": ("flux", "base", dict(parallel=dict(ulysses=world // 2, tensor=2))),
+        "tensor": ("flux", "base", dict(parallel=dict(ring=world, tensor=2))),
     }
     for name, (family, variant, kwargs) in cases.items():
         if kwargs is None:
@@ -192,12 +304,17 @@ def _rank_disable(rank, world):
                 if hasattr(m, "_diffusers_hook")}
 
     hooked = hooks_now()
-    cachedit.accelerate(pipe, device="cpu_ref", parallel=job["parallel"])
-    _run(pipe, job)
-    during = hooks_now()
-    cachedit.disable(pipe)
-    return dict(bitwise=torch.equal(_run(pipe, job), before), restored=hooks_now() == hooked,
-                cp_hooks=sorted({h for hs in during.values() for h in hs if h.startswith("cachedit.cp")}))
+    processors = {n: m.processor for n, m in pipe.transformer.named_modules() if hasattr(m, "processor")}
+    out = {}
+    for name, parallel in (("sync", job["parallel"]), ("async", dict(job["parallel"], async_ulysses=True))):
+        cachedit.accelerate(pipe, device="cpu_ref", parallel=parallel)
+        _run(pipe, job)
+        during = hooks_now()
+        cachedit.disable(pipe)
+        out[name] = dict(bitwise=torch.equal(_run(pipe, job), before), restored=hooks_now() == hooked and all(
+            m.processor is processors[n] for n, m in pipe.transformer.named_modules() if hasattr(m, "processor")),
+            cp_hooks=sorted({h for hs in during.values() for h in hs if h.startswith("cachedit.cp")}))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +363,8 @@ def _name(job):
     p = job["parallel"]
     mode = "usp" if p.get("ulysses", 1) > 1 and p.get("ring", 1) > 1 else "ulysses" if p.get("ulysses", 1) > 1 else "ring"
     extra = "".join(f"-{k}" for k in ("fp8_comm", "async_ulysses") if p.get(k))
-    return f"{job['family']}-{job['variant']}-{mode}{extra}" + ("-cache" if job["cache"] else "")
+    return (f"{job['family']}-{job['variant']}-{mode}{extra}" + ("-cache" if job["cache"] else "")
+            + ("-fused" if job.get("fuse_qkv") else ""))
 
 
 PIPE_CASES = [(w, i) for w, jobs in JOBS.items() for i, j in enumerate(jobs)
@@ -321,7 +439,7 @@ def test_validation_under_a_process_group(world):
         assert "ValueError" in msgs["no_lse"] and "'torch_sdpa'" in msgs["no_lse"]
         assert "log-sum-exp" in msgs["no_lse"]
         assert "ValueError" in msgs["no_plan"] and "SD3Transformer2DModel" in msgs["no_plan"]
-        assert msgs["tensor"].startswith("NotImplementedError") and "parallel=" in msgs["tensor"]
+        assert "ValueError" in msgs["tensor"] and f"ring={world} x tensor=2 needs world size {2 * world}" in msgs["tensor"]
         if world == 4:
             assert "ValueError" in msgs["heads"] and "exceeds the 3 attention heads" in msgs["heads"]
         assert all(v for k, v in msgs.items() if k.endswith(":untouched")), msgs
@@ -330,8 +448,43 @@ def test_validation_under_a_process_group(world):
 def test_disable_restores_bitwise():
     for res in _results(2):
         got = next(r for r, j in zip(res, JOBS[2]) if j["kind"] == "disable")
-        assert got["bitwise"] and got["restored"]
-        assert got["cp_hooks"] == ["cachedit.cp.0", "cachedit.cp.1", "cachedit.cp.scope"]
+        for mode in ("sync", "async"):  # async swaps the attention processors; disable puts the originals back
+            assert got[mode]["bitwise"] and got[mode]["restored"], mode
+        assert got["sync"]["cp_hooks"] == ["cachedit.cp.0", "cachedit.cp.1", "cachedit.cp.scope"]
+        assert got["async"]["cp_hooks"] == ["cachedit.cp.0", "cachedit.cp.1", "cachedit.cp.async", "cachedit.cp.scope"]
+
+
+ASYNC_CASES = [(w, i) for w, jobs in JOBS.items() for i, j in enumerate(jobs)
+               if j["kind"] == "pipe" and j["parallel"].get("async_ulysses")]
+ASYNC_PROCESSORS = {"flux": "FluxAsyncProcessor", "qwenimage": "QwenImageAsyncProcessor", "wan": "WanAsyncProcessor",
+                    "zimage": "ZImageAsyncProcessor"}
+
+
+@pytest.mark.parametrize("world,index", ASYNC_CASES, ids=[f"{w}ranks-{_name(JOBS[w][i])}" for w, i in ASYNC_CASES])
+def test_async_ulysses_overlaps_projections(world, index):
+    """V's all-to-all is in flight while K is projected and normed, K's while Q is (with fused q/k/v: while
+    the norms run); the router's path (everything projected, then three posts) would fail here. Outputs
+    are checked against one process with the other pipe cases."""
+    family, fused = JOBS[world][index]["family"], JOBS[world][index].get("fuse_qkv")
+    order = (["qkv", "post", "norm_k", "post", "norm_q", "post", "back"] if fused else
+             ["v", "post", "k", "norm_k", "post", "q", "norm_q", "post", "back"])
+    for rank, res in enumerate(_results(world)):
+        got = res[index]["async"]
+        assert got["processor"] == ASYNC_PROCESSORS[family]
+        assert got["events"] == order, f"rank {rank}: {got['events']}"
+        assert len(got["served"]) == 1 and got["served"][0] > 0, "some async processor skipped calls"
+        kept = {"WanAttnProcessor"} if family == "wan" else set()  # Wan's cross-attention stays local
+        assert got["processors"] == sorted({ASYNC_PROCESSORS[family]} | kept)
+        assert got["restored"], "disable did not restore the original processors"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_async_processors_key_masks_uneven(world):
+    for rank, res in enumerate(_results(world)):
+        diffs = dict(next(r for r, j in zip(res, JOBS[world]) if j["kind"] == "async_processors"))
+        assert diffs.pop("served") == 2
+        for case, diff in diffs.items():
+            assert diff <= ATOL, f"rank {rank} {case}: {diff:.3g} > {ATOL}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,10 @@ Every rank runs the whole pipeline with the same inputs; each transformer call d
 token work and every rank ends with the same output. Cache decisions are agreed across ranks
 (`StackCache.reduce` averages the statistic). Collectives go through the backend's communicators,
 metered (`stats()`), so exchanged bytes can be checked against the formula.
+
+With tensor parallelism as well (`ParallelConfig.tensor`, see `tensor.py`), the world is a (ring,
+ulysses, tensor) mesh: the sequence is split over the ranks holding the same heads, and Ulysses
+trades those local heads.
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ def check_context_parallel(transformers: dict[str, nn.Module], config: ParallelC
                              f"supported: {', '.join(supported_classes())} (add one with "
                              f"cachedit.parallel.plans.register_cp_plan)")
         heads = _num_heads(t)
-        if heads is not None and heads < config.ulysses:
+        if heads is not None and heads // config.tensor < config.ulysses:  # Ulysses splits a rank's heads
             raise ValueError(f"ParallelConfig.ulysses={config.ulysses} exceeds the {heads} attention heads of "
                              f"pipe.{name}; allowed: ulysses <= {heads} (use ring for the rest)")
         param = next(t.parameters(), None)
@@ -88,11 +92,21 @@ def check_context_parallel(transformers: dict[str, nn.Module], config: ParallelC
             raise ValueError(f"parallel: {mode} attention needs {need} cp_mode={mode!r}: {exc}") from None
 
 
-def _communicators(config: ParallelConfig, backend):
-    """(world, ulysses, ring) communicators, metered; USP builds a 2-D (ring, ulysses) device mesh."""
+def _communicators(config: ParallelConfig, backend, mesh=None):
+    """(world, ulysses, ring) communicators, metered; USP builds a 2-D (ring, ulysses) device mesh.
+    With tensor parallelism `mesh` is the (ring, ulysses, tensor) mesh and "world" is this rank's
+    context-parallel group: the ranks holding the same heads."""
     from ..plugins import manager
 
     m = manager()
+    if mesh is not None:
+        ulysses, ring = (MeteredCommunicator(m.communicator(backend, mesh.get_group(d))) if getattr(config, d) > 1
+                         else None for d in ("ulysses", "ring"))
+        if ulysses is not None and ring is not None:
+            world = MeteredCommunicator(m.communicator(backend, mesh["ring", "ulysses"]._flatten().get_group()))
+        else:
+            world = ulysses or ring
+        return world, ulysses, ring
     world = MeteredCommunicator(m.communicator(backend, None))
     if config.ring == 1 or config.ulysses == 1:  # one dimension: it is the whole group
         return world, world if config.ulysses > 1 else None, world if config.ring > 1 else None
@@ -177,11 +191,13 @@ def _key_mask(mask: torch.Tensor | None, key: torch.Tensor) -> torch.Tensor | No
     return mask
 
 
-def apply_context_parallel(transformer: nn.Module, config: ParallelConfig, backend, router, caches=()) -> ContextParallel:
-    """Hook `transformer` for context parallelism; `router` is its AttentionRouter, `caches` its StackCaches."""
+def apply_context_parallel(transformer: nn.Module, config: ParallelConfig, backend, router, caches=(),
+                           mesh=None) -> ContextParallel:
+    """Hook `transformer` for context parallelism; `router` is its AttentionRouter, `caches` its StackCaches,
+    `mesh` the (ring, ulysses, tensor) device mesh when tensor parallelism shares the world."""
     mode = cp_mode(config)
     plan = cp_plan_for(transformer)
-    world, ulysses, ring = _communicators(config, backend)
+    world, ulysses, ring = _communicators(config, backend, mesh)
     state = SequenceState(world, world.world_size, world.rank)
     cp = ContextParallel(config, mode, plan, state, world, ulysses, ring, router=router)
     try:
@@ -198,6 +214,10 @@ def apply_context_parallel(transformer: nn.Module, config: ParallelConfig, backe
             if hasattr(module, "processor") and any(fnmatch.fnmatchcase(name, p) for p in plan.local_attention):
                 hooks.attach(module, LocalAttentionHook(state), f"{HOOK_PREFIX}.local")
                 cp.attached.append((module, f"{HOOK_PREFIX}.local"))
+        if config.async_ulysses:  # per-family processors: q/k/v projections overlap the all-to-alls
+            from .async_ulysses import install_async_ulysses
+
+            install_async_ulysses(transformer, cp)
         hooks.attach(transformer, ScopeHook(state), f"{HOOK_PREFIX}.scope")  # last: outermost
         cp.attached.append((transformer, f"{HOOK_PREFIX}.scope"))
         router.wrapper = cp.attend
