@@ -208,9 +208,10 @@ def accelerate(pipe, device: str = "auto", cache=None, parallel=None, quantize=N
                 apply_cfg_parallel(transformer, comm)
                 state.cfg_parallel.append(name)
             _invalidate_registry_cache(transformer)
-        if state.context_parallel and getattr(pipe, "controlnet", None) is not None:  # last: outermost
+        if (state.context_parallel or parallel_cfg is not None and parallel_cfg.controlnet) and getattr(
+                pipe, "controlnet", None) is not None:  # last: outermost
             state.controlnet_parallel = apply_controlnet_parallel(pipe, parallel_cfg, backend, kernels, attention,
-                                                                  state.context_parallel)
+                                                                  state.context_parallel, mesh=mesh)
         if parallel_cfg is not None and parallel_cfg.vae:
             state.vae_parallel = apply_vae_parallel(pipe.vae, backend, kernels)
         if parallel_cfg is not None and parallel_cfg.text_encoder:  # over every rank

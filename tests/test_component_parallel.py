@@ -21,6 +21,15 @@ PROMPT = "a photo of a cat"
 STEPS = 2
 ATOL = 1e-5  # fp32: decoded images and pipeline outputs, every rank against one process
 U2, R2, U4, USP = dict(ulysses=2), dict(ring=2), dict(ulysses=4), dict(ulysses=2, ring=2)
+T2, T4, U2T2 = dict(tensor=2), dict(tensor=4), dict(ulysses=2, tensor=2)
+# A tensor-parallel ControlNet's block weights per rank: 1/N plus what stays whole (q/k norms over
+# head_dim, row-split biases on the first rank only). Measured on the tiny ControlNet: 0.4995-0.501
+# at N=2 (also under ulysses=2 x tensor=2), 0.250-0.2515 at N=4.
+BLOCK_ALLOWANCE = 0.02
+BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
+# The tiny ControlNet's all-reduces and all-gathers per call under FLUX.1's plan: 1 double block x
+# (attention, ff, ff_context) + 1 single block x proj_out; gathers: norm1, norm1_context, single norm.
+CONTROLNET_PER_CALL = {"all_reduce": 4, "all_gather": 3}
 
 # Latent shapes per VAE family: even, uneven over 2 and 4 ranks; (1, 4, 3, 8) has fewer rows than 4 ranks.
 DECODES = {
@@ -45,6 +54,8 @@ JOBS = {
         _pipe_job(dict(R2, controlnet=True), controlnet=True),
         _pipe_job(U2, controlnet=True),  # controlnet=False: residuals split at the transformer's entry
         _pipe_job(dict(R2, controlnet=True), controlnet=True, size=36),  # 81 image tokens: uneven
+        _pipe_job(dict(T2, controlnet=True), controlnet=True),
+        _pipe_job(T2, controlnet=True),  # controlnet=False: whole on every rank, its residuals replicated
         dict(kind="errors"), dict(kind="disable"),
     ],
     4: [
@@ -53,6 +64,8 @@ JOBS = {
         _pipe_job(dict(U4, controlnet=True), controlnet=True, size=36),
         _pipe_job(dict(USP, controlnet=True), controlnet=True),
         _pipe_job(dict(ring=4), controlnet=True),  # controlnet=False
+        _pipe_job(dict(T4, controlnet=True), controlnet=True),
+        _pipe_job(dict(U2T2, controlnet=True), controlnet=True),  # TP over the tensor group, CP over ulysses
     ],
 }
 
@@ -87,12 +100,22 @@ def _rank_worker(rank, world, jobs):
     return [globals()[f"_rank_{job['kind']}"](rank, world, job) for job in jobs]
 
 
+def _bytes(module, prefixes=("",)) -> int:
+    return sum(p.numel() * p.element_size() for n, p in module.named_parameters() if n.startswith(prefixes))
+
+
 def _rank_pipe(rank, world, job):
     pipe = _pipeline(job["controlnet"])
+    controlnet = getattr(pipe, "controlnet", None)
+    before = _bytes(controlnet, BLOCKS) if controlnet is not None else None
     cachedit.accelerate(pipe, device="cpu_ref", parallel=job["parallel"])
+    blocks = _bytes(controlnet, BLOCKS) / before if controlnet is not None else None
     images = _run(pipe, job)
     report = cachedit.summary(pipe)
-    return dict(images=images, vae=report["vae_parallel"], controlnet=report["controlnet_parallel"])
+    applied = pipe._cachedit_state.controlnet_parallel
+    per_call = [dict(tp.per_call) for tp in applied.tensor_parallel] if applied is not None else []
+    return dict(images=images, vae=report["vae_parallel"], controlnet=report["controlnet_parallel"],
+                controlnet_blocks=blocks, controlnet_per_call=per_call)
 
 
 def _rank_decode(rank, world, job):
@@ -127,12 +150,13 @@ def _rank_errors(rank, world, job):
         "vae_class": ("ltx", dict(ulysses=world, vae=True)),  # AutoencoderKLLTXVideo
         "no_controlnet": ("flux", dict(ulysses=world, controlnet=True)),
         "controlnet_no_cp": ("controlnet", dict(cfg=2, controlnet=True)),
+        "controlnet_tp_heads": ("controlnet", dict(tensor=world, controlnet=True)),
         "controlnet_heads": ("controlnet", dict(ulysses=world, controlnet=True)),
     }
     messages = {}
     for name, (family, parallel) in cases.items():
         pipe = tiny_controlnet_pipeline("flux") if family == "controlnet" else tiny_pipeline(family)
-        if name == "controlnet_heads":  # a ControlNet with fewer heads than the Ulysses degree
+        if name in ("controlnet_heads", "controlnet_tp_heads"):  # fewer heads than the Ulysses / tensor degree
             cfg = dict(pipe.controlnet.config, num_attention_heads=1, attention_head_dim=64)
             pipe.register_modules(controlnet=type(pipe.controlnet).from_config(cfg))
         try:
@@ -146,15 +170,25 @@ def _rank_errors(rank, world, job):
 
 
 def _rank_disable(rank, world, job):
-    job = _pipe_job(dict(ulysses=world, controlnet=True, vae=True), controlnet=True)
+    """Accelerate, run, disable, for context and for tensor parallelism: the same output bit for bit,
+    the same Parameter objects, no hooks left."""
     pipe = _pipeline(True)
+    job = _pipe_job(None, controlnet=True)
     before = _run(pipe, job)
     hooked = _hooked(pipe.transformer, pipe.controlnet, pipe.vae)  # the pipeline's own cache_context registries
-    cachedit.accelerate(pipe, device="cpu_ref", parallel=job["parallel"])
-    during = _hooked(pipe.transformer, pipe.controlnet, pipe.vae)
-    cachedit.disable(pipe)
-    return dict(bitwise=torch.equal(_run(pipe, job), before), restored=_hooked(
-        pipe.transformer, pipe.controlnet, pipe.vae) == hooked, during=during)
+    params = {n: dict(getattr(pipe, n).named_parameters()) for n in ("transformer", "controlnet")}
+    out = {}
+    for mode, parallel in {"context": dict(ulysses=world, controlnet=True, vae=True),
+                           "tensor": dict(tensor=world, controlnet=True)}.items():
+        cachedit.accelerate(pipe, device="cpu_ref", parallel=parallel)
+        during = _hooked(pipe.transformer, pipe.controlnet, pipe.vae)
+        _run(pipe, job)
+        cachedit.disable(pipe)
+        same = all(p is params[n][k] for n in params for k, p in getattr(pipe, n).named_parameters()) and all(
+            len(dict(getattr(pipe, n).named_parameters())) == len(params[n]) for n in params)
+        out[mode] = dict(bitwise=torch.equal(_run(pipe, job), before), same_params=same, during=during,
+                         restored=_hooked(pipe.transformer, pipe.controlnet, pipe.vae) == hooked)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,6 +242,16 @@ def test_pipeline_matches_one_process(world, index, references):
         assert sum(sum(c["bytes"].values()) for c in stats.values()) > 0
     else:
         assert got["controlnet"] in (None, [])
+    tensor = job["parallel"].get("tensor", 1) if job["parallel"].get("controlnet") else 1
+    if job["controlnet"]:  # the ControlNet's block weights: 1/N per rank when sharded, whole otherwise
+        for rank, res in enumerate(ranks):
+            blocks = res[index]["controlnet_blocks"]
+            assert abs(blocks - 1 / tensor) <= (BLOCK_ALLOWANCE if tensor > 1 else 0), f"rank {rank}: {blocks:.3f}"
+    if tensor > 1:  # every block of the ControlNet ends in its all-reduce, over the tensor group only
+        assert got["controlnet_per_call"] == [CONTROLNET_PER_CALL]
+        calls = stats["tensor"]["calls"]
+        assert calls == {k: v * STEPS for k, v in CONTROLNET_PER_CALL.items()}, calls
+        assert (("world" in stats) if job["parallel"].get("ulysses", 1) > 1 else set(stats) == {"tensor"}), stats
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -235,7 +279,9 @@ def test_validation_under_a_process_group():
         assert "ParallelConfig.vae=True" in msgs["vae_class"] and "AutoencoderKLLTXVideo" in msgs["vae_class"]
         assert all(c in msgs["vae_class"] for c in SUPPORTED_VAES), msgs["vae_class"]
         assert "ParallelConfig.controlnet=True" in msgs["no_controlnet"] and "no `controlnet`" in msgs["no_controlnet"]
-        assert "ulysses > 1 or ring > 1" in msgs["controlnet_no_cp"]
+        assert "ulysses > 1, ring > 1 or tensor > 1" in msgs["controlnet_no_cp"]
+        assert ("ParallelConfig.tensor=2 with controlnet=True splits pipe.controlnet over 2 ranks, which does not "
+                "divide its 1 attention heads") in msgs["controlnet_tp_heads"]
         assert "exceeds the 1 attention heads of pipe.controlnet" in msgs["controlnet_heads"]
         assert all(v for k, v in msgs.items() if k.endswith(":untouched")), msgs
 
@@ -243,11 +289,15 @@ def test_validation_under_a_process_group():
 def test_disable_restores_bitwise():
     for res in _results(2):
         got = next(r for r, j in zip(res, JOBS[2]) if j["kind"] == "disable")
-        assert got["bitwise"] and got["restored"]
-        during = got["during"]
+        for mode in ("context", "tensor"):
+            assert got[mode]["bitwise"] and got[mode]["restored"] and got[mode]["same_params"], mode
+        during = got["context"]["during"]
         assert any(h.endswith("cachedit.controlnet.residuals") for h in during["FluxTransformer2DModel"])
         assert any("cachedit.cp" in h for h in during["FluxControlNetModel"])
         assert any(h.startswith("decoder:cachedit.vae") for h in during["AutoencoderKL"])
+        during = got["tensor"]["during"]
+        assert any("cachedit.tp.reduce" in h for h in during["FluxControlNetModel"])
+        assert not any("cachedit.cp" in h or "cachedit.attention" in h for h in during["FluxControlNetModel"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +318,9 @@ def test_checks_name_the_field_and_the_allowed_values():
         check_vae_parallel(flux, ParallelConfig(cfg=2, vae=True))
     with pytest.raises(ValueError, match=r"ParallelConfig.controlnet=True: pipe \(FluxPipeline\) has no `controlnet`"):
         check_controlnet_parallel(flux, ParallelConfig(ulysses=2, controlnet=True), [], None, lambda t: 16)
-    with pytest.raises(ValueError, match=r"allowed: True only with ulysses > 1 or ring > 1"):
+    with pytest.raises(ValueError, match=r"allowed: True only with ulysses > 1, ring > 1 or tensor > 1"):
         check_controlnet_parallel(flux, ParallelConfig(cfg=2, controlnet=True), [], None, lambda t: 16)
-    with pytest.raises(ValueError, match=r"tensor parallelism for the ControlNet is not implemented"):
-        check_controlnet_parallel(flux, ParallelConfig(ulysses=2, tensor=2, controlnet=True), [], None, lambda t: 16)
+    controlnet = tiny_controlnet_pipeline("flux")  # the tensor-parallel checks need no process group
+    with pytest.raises(ValueError, match=r"ParallelConfig.tensor=3 with controlnet=True splits pipe.controlnet over 3 "
+                                         r"ranks, which does not divide its 4 attention heads; allowed values: 1, 2, 4"):
+        check_controlnet_parallel(controlnet, ParallelConfig(tensor=3, controlnet=True), [], None, lambda t: 16)

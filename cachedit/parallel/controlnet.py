@@ -1,6 +1,8 @@
-"""ControlNet under context parallelism: the transformer adds the ControlNet's residuals to its own
-sequence shard, so the residuals must be split the way its image tokens are.
+"""ControlNet parallelism: the ControlNet sharded the way the transformer is, so its residuals come
+out in the layout the transformer adds them to.
 
+Context parallelism: the transformer adds the residuals to its own sequence shard, so they must be
+split the way its image tokens are.
 - `ParallelConfig.controlnet=True`: the ControlNet gets the transformer's context-parallel plan
   (`apply_context_parallel` with the plan registered here): its image, control and text tokens and
   their position ids are split like the transformer's, its attention goes through the same Ulysses /
@@ -8,15 +10,20 @@ sequence shard, so the residuals must be split the way its image tokens are.
   image tokens, 1/world of the ControlNet's work.
 - `controlnet=False`: the ControlNet runs whole on every rank and the transformer splits the
   residuals at its entry, like its hidden states.
-
 Either way a hook on each context-parallel transformer checks the residuals' length and splits
 them when they are whole, so a mismatch is a clear error, never a silent broadcast.
-Tensor parallelism for the ControlNet is not implemented.
+
+Tensor parallelism (tensor > 1): the transformer's hidden states are whole on every tensor rank, so
+its residuals must be too. `controlnet=True` shards the ControlNet's blocks over the transformer's
+tensor group with FLUX.1's plan (`tp_plans.py`); each block ends in an all-reduce, so the residuals
+come out whole: 1/tensor of the block weights and work per rank. `controlnet=False` runs it whole on
+every rank. With a hybrid mesh the ControlNet gets both, each over its own group of the mesh.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import zip_longest
 
 import torch.nn as nn
 from diffusers.hooks import ModelHook
@@ -25,6 +32,8 @@ from .. import hooks
 from ..attention import AttentionRouter
 from .context import apply_context_parallel, check_context_parallel, cp_mode, remove_context_parallel
 from .plans import CPPlan, Split, register_cp_plan
+from .tensor import apply_tensor_parallel, check_module, remove_tensor_parallel, tensor_communicator
+from .tp_plans import tp_plan_for
 from .ulysses import split_sizes
 
 RESIDUAL_HOOK = "cachedit.controlnet.residuals"
@@ -51,13 +60,11 @@ def check_controlnet_parallel(pipe, config, kernels, attention, head_dim) -> Non
     """Every check that can fail before the ControlNet is hooked (ValueError)."""
     if not config.controlnet:
         return
-    if cp_mode(config) is None:
-        raise ValueError("ParallelConfig.controlnet=True gives the ControlNet the transformer's context-parallel "
-                         f"plan; allowed: True only with ulysses > 1 or ring > 1 (got ulysses={config.ulysses}, "
-                         f"ring={config.ring})")
-    if config.tensor > 1:
-        raise ValueError(f"ParallelConfig.controlnet=True with tensor={config.tensor}: tensor parallelism for the "
-                         "ControlNet is not implemented; allowed: tensor=1 with controlnet=True")
+    context = cp_mode(config) is not None
+    if not context and config.tensor == 1:
+        raise ValueError("ParallelConfig.controlnet=True gives the ControlNet the transformer's context- or tensor-"
+                         "parallel plan; allowed: True only with ulysses > 1, ring > 1 or tensor > 1 (got "
+                         f"ulysses={config.ulysses}, ring={config.ring}, tensor={config.tensor})")
     controlnet = getattr(pipe, "controlnet", None)
     if controlnet is None:
         raise ValueError(f"ParallelConfig.controlnet=True: pipe ({type(pipe).__name__}) has no `controlnet`; "
@@ -68,11 +75,14 @@ def check_controlnet_parallel(pipe, config, kernels, attention, head_dim) -> Non
         if type(net).__name__ not in SUPPORTED_CONTROLNETS:
             raise ValueError(f"ParallelConfig.controlnet=True: {where} is {type(net).__name__}; supported: "
                              f"{', '.join(SUPPORTED_CONTROLNETS)} (or controlnet=False: it runs whole on every rank)")
-        if getattr(net, "union", False) or getattr(net, "input_hint_block", None) is not None:
+        if context and (getattr(net, "union", False) or getattr(net, "input_hint_block", None) is not None):
             raise ValueError(f"ParallelConfig.controlnet=True: {where} is a union (mode-token) or image-hint "
                              "ControlNet, whose extra inputs don't split with the sequence; use controlnet=False")
-    check_context_parallel({f"controlnet.nets[{i}]" if len(nets) > 1 else "controlnet": net
-                            for i, net in enumerate(nets)}, config, kernels, attention, head_dim)
+        if config.tensor > 1:
+            check_module(net, config.tensor, where, f"ParallelConfig.tensor={config.tensor} with controlnet=True")
+    if context:
+        check_context_parallel({f"controlnet.nets[{i}]" if len(nets) > 1 else "controlnet": net
+                                for i, net in enumerate(nets)}, config, kernels, attention, head_dim)
 
 
 class ResidualSplitHook(ModelHook):
@@ -106,29 +116,40 @@ class ControlNetParallel:
     """What `apply_controlnet_parallel` changed, so removal undoes exactly that."""
 
     context_parallel: list = field(default_factory=list)  # parallel.context.ContextParallel per net
+    tensor_parallel: list = field(default_factory=list)  # parallel.tensor.TensorParallel per net
     routers: list = field(default_factory=list)
     attention: list = field(default_factory=list)  # (module, hook name) routed through a router
     residuals: list = field(default_factory=list)  # transformers carrying the ResidualSplitHook
 
     def stats(self) -> list[dict]:
-        return [cp.stats() for cp in self.context_parallel]
+        """Per net: bytes sent and calls per mesh dimension ("tensor": its tensor-parallel group)."""
+        return [{**(cp.stats() if cp else {}), **({"tensor": tp.stats()} if tp else {})}
+                for cp, tp in zip_longest(self.context_parallel, self.tensor_parallel)]
 
 
-def apply_controlnet_parallel(pipe, config, backend, kernels, attention, context_parallel: dict) -> ControlNetParallel:
+def apply_controlnet_parallel(pipe, config, backend, kernels, attention, context_parallel: dict,
+                              mesh=None) -> ControlNetParallel:
     """Hook `pipe.controlnet` (controlnet=True) and every context-parallel transformer of `pipe`
-    (`context_parallel`: transformer name -> ContextParallel) for ControlNet residuals."""
+    (`context_parallel`: transformer name -> ContextParallel) for ControlNet residuals; `mesh` is
+    the transformer's (ring, ulysses, tensor) mesh when it has one."""
     from ..api import ATTENTION_HOOK, AttentionHook, _attention_modules  # here: api imports this module
 
     applied = ControlNetParallel()
     try:
+        context = cp_mode(config) is not None
         if config.controlnet:
             for net in _nets(pipe.controlnet):
-                router = AttentionRouter(kernels, attention)
-                for module in _attention_modules(net):
-                    hooks.attach(module, AttentionHook(router), ATTENTION_HOOK)
-                    applied.attention.append((module, ATTENTION_HOOK))
-                applied.routers.append(router)
-                applied.context_parallel.append(apply_context_parallel(net, config, backend, router))
+                if context:
+                    router = AttentionRouter(kernels, attention)
+                    for module in _attention_modules(net):
+                        hooks.attach(module, AttentionHook(router), ATTENTION_HOOK)
+                        applied.attention.append((module, ATTENTION_HOOK))
+                    applied.routers.append(router)
+                if config.tensor > 1:  # after the router, as on the transformer: reduces outside routing
+                    applied.tensor_parallel.append(
+                        apply_tensor_parallel(net, tp_plan_for(net), tensor_communicator(backend, mesh)))
+                if context:
+                    applied.context_parallel.append(apply_context_parallel(net, config, backend, router, mesh=mesh))
         for name, cp in context_parallel.items():
             transformer = getattr(pipe, name)
             hooks.attach(transformer, ResidualSplitHook(cp.state, config.controlnet), RESIDUAL_HOOK)
@@ -145,8 +166,11 @@ def remove_controlnet_parallel(applied: ControlNetParallel) -> None:
         hooks.detach(transformer, RESIDUAL_HOOK)
     for cp in reversed(applied.context_parallel):
         remove_context_parallel(cp)
+    for tp in reversed(applied.tensor_parallel):
+        remove_tensor_parallel(tp)
     for module, name in reversed(applied.attention):
         hooks.detach(module, name)
     applied.residuals.clear()
     applied.context_parallel.clear()
+    applied.tensor_parallel.clear()
     applied.attention.clear()

@@ -82,11 +82,12 @@ def _config(module: nn.Module, *keys: str):
 
 # -- diffusers transformers --------------------------------------------------------------------
 
-def _flux(t: nn.Module) -> TPPlan:
+def _flux(t: nn.Module, table: dict | None = None) -> TPPlan:
     """FLUX.1: diffusers' plan, plus the AdaLN modulation linears (a third of a double block's
     weights) column-split and gathered. Joint attention reduces its (image, text) outputs at once;
-    the single block's attention and MLP meet in the packed row-split proj_out."""
-    linears = {**type(t)._tp_plan,
+    the single block's attention and MLP meet in the packed row-split proj_out. `table`: the
+    diffusers plan to start from (default: the class's own)."""
+    linears = {**(type(t)._tp_plan if table is None else table),
                "transformer_blocks.*.norm1.linear": "colwise_gather",
                "transformer_blocks.*.norm1_context.linear": "colwise_gather",
                "single_transformer_blocks.*.norm.linear": "colwise_gather"}
@@ -150,8 +151,19 @@ def _zimage(t: nn.Module) -> TPPlan:
     return TPPlan(tuple(linears.items()), tuple(reduce), tuple(heads), head_counts=(_config(t, "n_heads"),))
 
 
+def _flux_controlnet(c: nn.Module) -> TPPlan:
+    """FluxControlNetModel: its transformer_blocks / single_transformer_blocks are FLUX.1's block
+    classes, so FLUX.1's plan fits them as is. Its controlnet_blocks (one square linear per block,
+    applied to the block's whole output), controlnet_x_embedder and embedders stay whole: sharding
+    them would cost a gather each for little memory."""
+    from diffusers import FluxTransformer2DModel
+
+    return _flux(c, FluxTransformer2DModel._tp_plan)
+
+
 for _name, _build in {
     "FluxTransformer2DModel": _flux,
+    "FluxControlNetModel": _flux_controlnet,
     "Flux2Transformer2DModel": _flux2,
     "QwenImageTransformer2DModel": _qwenimage,
     "WanTransformer3DModel": _wan,
