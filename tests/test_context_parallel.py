@@ -52,6 +52,7 @@ JOBS = {
         *[_job(f, dict(ulysses=2, fp8_comm=True)) for f in ("flux", "qwenimage", "wan", "zimage")],
         *[_job(f, U2, cache=CACHE, steps=4) for f in ("wan", "wan22", "flux")],
         dict(kind="attention"), dict(kind="errors"), dict(kind="disable"), dict(kind="async_processors"),
+        dict(kind="compile"),
     ],
     4: [
         *[_job(f, p) for f in FAMILIES[:4] for p in (U4, R4, USP)],
@@ -61,7 +62,7 @@ JOBS = {
         _job("flux", dict(ulysses=4, fp8_comm=True)), _job("qwenimage", dict(ulysses=4, async_ulysses=True)),
         _job("wan", dict(USP, async_ulysses=True)),
         _job("wan22", U4, cache=CACHE, steps=4), _job("wan", USP, cache=CACHE, steps=4),
-        dict(kind="attention"), dict(kind="errors"), dict(kind="async_processors"),
+        dict(kind="attention"), dict(kind="errors"), dict(kind="async_processors"), dict(kind="compile"),
     ],
 }
 
@@ -294,6 +295,32 @@ def _rank_errors(rank, world):
     return messages
 
 
+def _rank_compile(rank, world):
+    """Blocks under torch.compile (dynamo with the eager backend: the graph capture is under test, not
+    inductor's code) with each parallel mode: no graph break (async exchanges and the Ring's shifts
+    become functional collectives while compiling), same output."""
+    import torch._dynamo.utils as dynamo_utils
+
+    out = {}
+    modes = ((("ulysses", dict(ulysses=2)), ("tensor", dict(tensor=2)), ("ring", dict(ring=2)),
+              ("async", dict(ulysses=2, async_ulysses=True))) if world == 2 else
+             (("usp-async", dict(ulysses=2, ring=2, async_ulysses=True)),))  # ring shifts within a sub-group
+    for name, parallel in modes:
+        job = _job("flux", parallel, steps=2)
+        pipe = _pipeline("flux")
+        cachedit.accelerate(pipe, device="cpu_ref", parallel=parallel)
+        plain = _run(pipe, job)
+        cachedit.disable(pipe)
+        torch._dynamo.reset()
+        dynamo_utils.counters.clear()
+        cachedit.accelerate(pipe, device="cpu_ref", parallel=parallel, compile=dict(backend="eager"))
+        compiled = _run(pipe, job)
+        out[name] = dict(diff=(compiled - plain).abs().max().item(), breaks=sum(dynamo_utils.counters["graph_break"].values()),
+                         frames=sum(dynamo_utils.counters["frames"].values()))
+        cachedit.disable(pipe)
+    return out
+
+
 def _rank_disable(rank, world):
     job = _job("flux", dict(ulysses=world), steps=2)
     pipe = _pipeline("flux")
@@ -452,6 +479,15 @@ def test_disable_restores_bitwise():
             assert got[mode]["bitwise"] and got[mode]["restored"], mode
         assert got["sync"]["cp_hooks"] == ["cachedit.cp.0", "cachedit.cp.1", "cachedit.cp.scope"]
         assert got["async"]["cp_hooks"] == ["cachedit.cp.0", "cachedit.cp.1", "cachedit.cp.async", "cachedit.cp.scope"]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_compiled_blocks_under_parallelism_have_no_graph_break(world):
+    for res in _results(world):
+        got = next(r for r, j in zip(res, JOBS[world]) if j["kind"] == "compile")
+        for mode, report in got.items():
+            assert report["frames"] > 0 and report["breaks"] == 0, (mode, report)
+            assert report["diff"] <= 1e-6, (mode, report)
 
 
 ASYNC_CASES = [(w, i) for w, jobs in JOBS.items() for i, j in enumerate(jobs)

@@ -93,9 +93,17 @@ class Communicator:
             shape[scatter_dim], shape[gather_dim] = scatter_sizes[rank], size
             shapes.append(shape)
         recv_numel = [math.prod(s) for s in shapes]
-        recv = send.new_empty(sum(recv_numel))
         send_numel = [math.prod(c.shape) for c in tensor.split(list(scatter_sizes), dim=scatter_dim)]
-        work = dist.all_to_all_single(recv, send, recv_numel, send_numel, group=self.group, async_op=async_op)
+        if async_op and torch.compiler.is_compiling():
+            # Dynamo cannot trace async_op=True; a functional collective is asynchronous by itself (it is
+            # waited for where its result is first used), and the compiled graph keeps that overlap.
+            from torch.distributed import _functional_collectives as funcol
+
+            recv = funcol.all_to_all_single(send, recv_numel, send_numel, self.group or dist.group.WORLD)
+            work = []
+        else:
+            recv = send.new_empty(sum(recv_numel))
+            work = dist.all_to_all_single(recv, send, recv_numel, send_numel, group=self.group, async_op=async_op)
 
         def finish() -> torch.Tensor:
             parts = [p.view(s) for p, s in zip(recv.split(recv_numel), shapes)]
@@ -112,6 +120,8 @@ class Communicator:
         dst = dist.get_global_rank(self.group, (rank + shift) % world) if self.group else (rank + shift) % world
         src = dist.get_global_rank(self.group, (rank - shift) % world) if self.group else (rank - shift) % world
         wire = _as_bytes(tensor.contiguous())
+        if torch.compiler.is_compiling():  # Dynamo breaks the graph at P2P ops: a traceable exchange instead
+            return self._ring_functional(wire, tensor.dtype, shift, recv_shape, async_op)
         out = wire.new_empty(tuple(recv_shape)) if recv_shape is not None else torch.empty_like(wire)
         ops = [dist.P2POp(dist.isend, wire, dst, self.group), dist.P2POp(dist.irecv, out, src, self.group)]
         reqs = dist.batch_isend_irecv(ops)
@@ -124,6 +134,22 @@ class Communicator:
         for req in reqs:
             req.wait()
         return finish()
+
+    def _ring_functional(self, wire, dtype, shift, recv_shape, async_op):
+        """The ring shift as a functional all-to-all in which only the neighbours' chunks are non-empty."""
+        from torch.distributed import _functional_collectives as funcol
+
+        world, rank = self.world_size, self.rank
+        shape = tuple(recv_shape) if recv_shape is not None else tuple(wire.shape)
+        send_sizes, recv_sizes = [0] * world, [0] * world
+        send_sizes[(rank + shift) % world] = wire.numel()
+        recv_sizes[(rank - shift) % world] = math.prod(shape)
+        out = funcol.all_to_all_single(wire.reshape(-1), recv_sizes, send_sizes, self.group or dist.group.WORLD)
+
+        def finish() -> torch.Tensor:
+            return out.view(shape).view(dtype)
+
+        return Pending([], finish) if async_op else finish()
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Every rank gets rank `src`'s tensor (src is a rank within the group)."""
