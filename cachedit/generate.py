@@ -3,6 +3,7 @@ as the flags say, saved with a JSON record of what ran. Works under torchrun for
 
     cachedit generate --prompt "a handwritten digit 7" --cache fast
     torchrun --nproc-per-node 2 -m cachedit generate --parallel ulysses --degree 2
+    torchrun --nproc-per-node 4 -m cachedit generate --parallel ulysses --tensor 2 --parallel-vae
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-PARALLEL_MODES = ("none", "ulysses", "ring", "usp", "tp")
+PARALLEL_MODES = ("none", "ulysses", "ring", "usp", "tp", "cfg")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,6 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parallel", choices=PARALLEL_MODES, default="none")
     p.add_argument("--degree", type=int, default=None, help="ranks for the parallel mode (default: WORLD_SIZE)")
     p.add_argument("--ulysses", type=int, default=None, help="usp: the Ulysses degree (the rest is Ring)")
+    p.add_argument("--tensor", type=int, default=None, help="ulysses / ring / usp: also split weights this many "
+                   "ways (hybrid mesh; --degree counts the context-parallel ranks only)")
+    p.add_argument("--parallel-text-encoder", action="store_true", help="shard the text encoders over every rank")
+    p.add_argument("--parallel-vae", action="store_true", help="split the VAE decode over every rank")
     p.add_argument("--attention", default=None, help="attention kernel name, or 'auto'")
     p.add_argument("--quantize", choices=["fp8", "int8", "int8-weight-only"], default=None)
     p.add_argument("--compile", action="store_true")
@@ -54,17 +59,23 @@ def cache_config(args) -> dict | str | None:
 def parallel_config(args, world: int) -> dict | None:
     if args.parallel == "none":
         return None
-    degree = args.degree or world
+    components = {k: True for k, on in (("text_encoder", args.parallel_text_encoder), ("vae", args.parallel_vae)) if on}
+    tensor = args.tensor or 1
+    if tensor > 1 and args.parallel not in ("ulysses", "ring", "usp"):
+        raise ValueError(f"--tensor={tensor} combines with --parallel ulysses / ring / usp (use --parallel tp alone)")
+    degree = args.degree or world // tensor
     if args.parallel == "ulysses":
-        return {"ulysses": degree}
+        return {"ulysses": degree, "tensor": tensor, **components}
     if args.parallel == "ring":
-        return {"ring": degree}
+        return {"ring": degree, "tensor": tensor, **components}
     if args.parallel == "tp":
-        return {"tensor": degree}
+        return {"tensor": degree, **components}
+    if args.parallel == "cfg":
+        return {"cfg": degree, **components}
     ulysses = args.ulysses or 2
     if degree % ulysses:
         raise ValueError(f"--ulysses={ulysses} must divide --degree={degree} for usp")
-    return {"ulysses": ulysses, "ring": degree // ulysses}
+    return {"ulysses": ulysses, "ring": degree // ulysses, "tensor": tensor, **components}
 
 
 def quant_config(name: str | None) -> dict | None:

@@ -61,19 +61,23 @@ def test_calibrate_command_prints_options(tmp_path):
     assert len(ratios) == 8 and ratios[0] == 1.0
 
 
-def test_generate_under_torchrun_matches_one_process(tmp_path):
+@pytest.mark.parametrize("parallel", [["--parallel", "ulysses"],
+                                      ["--parallel", "tp", "--parallel-text-encoder", "--parallel-vae"]],
+                         ids=["ulysses", "tensor+text_encoder+vae"])
+def test_generate_under_torchrun_matches_one_process(tmp_path, parallel):
     import numpy as np
     from PIL import Image
 
     args = ["generate", "--prompt", "a handwritten digit 4", "--steps", "8", "--cache", "fast"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "cachedit",
-                           *args, "--parallel", "ulysses", "--out", str(tmp_path / "two")],
+                           *args, *parallel, "--out", str(tmp_path / "two")],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _cli(*args, "--out", str(tmp_path / "one"))
     two = json.loads((tmp_path / "two" / "seed0_steps8.json").read_text())
     one = json.loads((tmp_path / "one" / "seed0_steps8.json").read_text())
-    assert two["world_size"] == 2 and two["summary"]["parallel"]["ulysses"] == 2
+    expected = dict(ulysses=2) if "ulysses" in parallel else dict(tensor=2, text_encoder=True, vae=True)
+    assert two["world_size"] == 2 and expected.items() <= two["summary"]["parallel"].items()
     steps = lambda r: r["summary"]["cache"]["transformer"]["stacks"][0]["contexts"]["cond"]["cached_steps"]  # noqa: E731
     assert steps(two) == steps(one)
     pixels = [np.asarray(Image.open(tmp_path / d / "seed0_steps8.png")).astype(int) for d in ("one", "two")]
