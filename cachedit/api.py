@@ -15,7 +15,7 @@ from .adapters import Adapter, adapter_for, transformers_of
 from .attention import TORCH_SDPA, AttentionRouter, select_kernel
 from .cache.dbcache import apply_cache, remove_cache
 from .fusion import fuse_qkv, unfuse_qkv
-from .parallel.cfg import apply_cfg_parallel, check_cfg_parallel, remove_cfg_parallel
+from .parallel.cfg import apply_cfg_parallel, cfg_communicator, check_cfg_parallel, remove_cfg_parallel
 from .parallel.context import apply_context_parallel, check_context_parallel, cp_mode, remove_context_parallel
 from .parallel.controlnet import apply_controlnet_parallel, check_controlnet_parallel, remove_controlnet_parallel
 from .parallel.tensor import (apply_tensor_parallel, check_tensor_parallel, hybrid_mesh, remove_tensor_parallel,
@@ -172,7 +172,7 @@ def accelerate(pipe, device: str = "auto", cache=None, parallel=None, quantize=N
     try:
         kernels = manager().attention_kernels(backend)
         tensor_parallel = parallel_cfg is not None and parallel_cfg.tensor > 1
-        mesh = hybrid_mesh(parallel_cfg, backend.device_type) if tensor_parallel else None
+        mesh = hybrid_mesh(parallel_cfg, backend.device_type) if parallel_cfg is not None else None
         for name, transformer in transformers_of(pipe).items():
             if compile_cfg is not None:
                 target = CompileTarget("transformer_block", adapters[name].family, compile_cfg)
@@ -204,8 +204,7 @@ def accelerate(pipe, device: str = "auto", cache=None, parallel=None, quantize=N
                 state.context_parallel[name] = apply_context_parallel(
                     transformer, parallel_cfg, backend, state.routers[name], state.caches.get(name, []), mesh=mesh)
             if parallel_cfg is not None and parallel_cfg.cfg == 2:
-                comm = manager().communicator(backend, None)
-                apply_cfg_parallel(transformer, comm)
+                apply_cfg_parallel(transformer, cfg_communicator(backend, mesh), state.caches.get(name, []))
                 state.cfg_parallel.append(name)
             _invalidate_registry_cache(transformer)
         if (state.context_parallel or parallel_cfg is not None and parallel_cfg.controlnet) and getattr(

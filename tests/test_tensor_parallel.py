@@ -329,7 +329,8 @@ def test_family_without_a_plan():
 
 
 def test_refused_combinations_and_missing_process_group():
-    _refused("flux", r"ParallelConfig.cfg=2 with tensor=2 is not supported", parallel=dict(tensor=2, cfg=2))
+    _refused("flux", r"parallel: tensor=2 x cfg=2 needs torch.distributed initialised with world size 4",
+             parallel=dict(tensor=2, cfg=2))
     _refused("flux", r"ParallelConfig.ulysses=2 exceeds the 1 heads each tensor-parallel rank of pipe.transformer "
                      r"holds; allowed: ulysses <= 1", parallel=dict(ulysses=2, tensor=4))
     _refused("flux", r"ParallelConfig.tensor=2 with quantize= is not supported", parallel=dict(tensor=2),

@@ -1,12 +1,19 @@
-"""CFG parallelism: with two ranks, the conditional and unconditional branches run on different ranks.
+"""CFG parallelism: the conditional and unconditional branches run on different halves of the ranks.
 
 Two-call pipelines (FLUX true CFG, Qwen-Image, Wan) name each transformer call with
-`cache_context("cond")` / `("uncond")`: rank 0 computes the "cond" calls and rank 1 the "uncond"
-ones. A call of the other rank's branch returns a buffer shaped like the latents, which the step's
-second call fills in place when the two ranks exchange their outputs (pipelines combine the two
-predictions only after both calls). Batched-CFG pipelines (SD3, Z-Image, LTX) make one call on a
-batch of both branches: each rank computes half of the batch and the halves are gathered.
+`cache_context("cond")` / `("uncond")`: cfg rank 0 computes the "cond" calls and cfg rank 1 the
+"uncond" ones. A call of the other half's branch returns a buffer shaped like the latents, which the
+step's second call fills in place when the two halves exchange their outputs (pipelines combine the
+two predictions only after both calls). Batched-CFG pipelines (SD3, Z-Image, LTX) make one call on a
+batch of both branches: each half computes half of the batch and the halves are gathered.
 Either way every rank ends each step with both predictions, so the pipeline continues unchanged.
+
+Combined with context / tensor parallelism the world is the (cfg, ring, ulysses, tensor) mesh
+(`tensor.hybrid_mesh`): each CFG half runs its branch with its own context- and tensor-parallel
+groups, and the exchange goes over the "cfg" group (the two ranks with the same coordinate in the
+other dimensions, so holding the same shards). Cache state per branch lives on the half running it;
+for batched calls the cache statistic is also averaged over the cfg group, so both halves decide as
+one process deciding on the whole batch.
 """
 
 from __future__ import annotations
@@ -32,7 +39,9 @@ class CfgParallelHook(ModelHook):
 
     def __init__(self, comm) -> None:
         super().__init__()
-        self.comm = comm
+        self.comm = comm  # over the cfg group: rank 0 runs "cond", rank 1 "uncond"
+        self.batched = False  # inside a batched-CFG call: cache statistics span both halves
+        self.caches: list = []  # (StackCache, its reduce before this hook wrapped it)
         self.context = StateManager(_Nothing)
         self.mine = BRANCHES[comm.rank]
         self.pending: dict[str, torch.Tensor] = {}  # branch -> this rank's output or the other's buffer
@@ -87,12 +96,22 @@ class CfgParallelHook(ModelHook):
 
         args = tuple(take(a) for a in args)
         kwargs = {k: take(v) for k, v in kwargs.items()}
-        sample = _sample(self.fn_ref.original_forward(*args, **kwargs))
+        self.batched = True
+        try:
+            sample = _sample(self.fn_ref.original_forward(*args, **kwargs))
+        finally:
+            self.batched = False
         if isinstance(sample, (list, tuple)):  # per-sample outputs of equal shape
             sample = list(self.comm.all_gather(torch.stack(list(sample)).contiguous(), dim=0).unbind(0))
         else:
             sample = self.comm.all_gather(sample.contiguous(), dim=0)
         return (sample,) if kwargs.get("return_dict", True) is False else _wrap(sample)
+
+    def reduce(self, inner, stats: torch.Tensor) -> torch.Tensor:
+        """A cache's reduce: its own (context-parallel) one, then, in a batched call, the average
+        over the two halves of the batch (equal halves: the mean over the whole batch)."""
+        stats = inner(stats) if inner is not None else stats
+        return self.comm.all_reduce(stats, "avg") if self.batched else stats
 
 
 def _sample(output) -> torch.Tensor:
@@ -112,28 +131,45 @@ def _param_names(module: nn.Module) -> list[str]:
 
 
 def check_cfg_parallel(config) -> None:
+    """torch.distributed has world size cfg x ulysses x ring x tensor (ValueError)."""
     import torch.distributed as dist
 
     if config.cfg == 1:
         return
-    if config.ulysses > 1 or config.ring > 1 or config.tensor > 1:
-        raise NotImplementedError("parallel=: cfg=2 combined with ulysses / ring / tensor is not implemented yet; "
-                                  "use cfg=2 alone")
-    if not dist.is_initialized() or dist.get_world_size() != 2:
+    n = config.world_size
+    if not dist.is_initialized() or dist.get_world_size() != n:
         size = dist.get_world_size() if dist.is_initialized() else "not initialised"
-        raise ValueError(f"ParallelConfig.cfg=2 needs torch.distributed with world size 2 (got {size}); launch with "
-                         "torchrun --nproc-per-node 2")
+        others = "".join(f" x {d}={getattr(config, d)}" for d in ("ulysses", "ring", "tensor") if getattr(config, d) > 1)
+        raise ValueError(f"ParallelConfig.cfg=2{others} needs torch.distributed with world size {n} (got {size}); "
+                         f"launch with torchrun --nproc-per-node {n}")
 
 
-def apply_cfg_parallel(transformer: nn.Module, comm) -> CfgParallelHook:
+def cfg_communicator(backend, mesh=None):
+    """The communicator over this rank's cfg group: the world, or the mesh's "cfg" dimension."""
+    from ..plugins import manager
+
+    return manager().communicator(backend, mesh.get_group("cfg") if mesh is not None else None)
+
+
+def apply_cfg_parallel(transformer: nn.Module, comm, caches=()) -> CfgParallelHook:
+    """Hook `transformer` (outermost) to run one CFG branch per half; `caches` are its StackCaches."""
+    import functools
+
     from .. import hooks
 
     hook = CfgParallelHook(comm)
     hooks.attach(transformer, hook, HOOK_NAME)  # last: outermost, so a skipped call skips everything
+    for cache in caches:
+        hook.caches.append((cache, cache.reduce))
+        cache.reduce = functools.partial(hook.reduce, cache.reduce)
     return hook
 
 
 def remove_cfg_parallel(transformer: nn.Module) -> None:
     from .. import hooks
 
+    registry = getattr(transformer, "_diffusers_hook", None)
+    hook = registry.hooks.get(HOOK_NAME) if registry is not None else None
+    for cache, reduce in reversed(getattr(hook, "caches", [])):
+        cache.reduce = reduce
     hooks.detach(transformer, HOOK_NAME)

@@ -13,9 +13,9 @@ token work and every rank ends with the same output. Cache decisions are agreed 
 (`StackCache.reduce` averages the statistic). Collectives go through the backend's communicators,
 metered (`stats()`), so exchanged bytes can be checked against the formula.
 
-With tensor parallelism as well (`ParallelConfig.tensor`, see `tensor.py`), the world is a (ring,
-ulysses, tensor) mesh: the sequence is split over the ranks holding the same heads, and Ulysses
-trades those local heads.
+With tensor or CFG parallelism as well (`ParallelConfig.tensor` / `cfg`), the world is a (cfg,
+ring, ulysses, tensor) mesh (`tensor.hybrid_mesh`): the sequence is split over the ranks of one
+CFG half holding the same heads, and Ulysses trades those local heads.
 """
 
 from __future__ import annotations
@@ -94,8 +94,8 @@ def check_context_parallel(transformers: dict[str, nn.Module], config: ParallelC
 
 def _communicators(config: ParallelConfig, backend, mesh=None):
     """(world, ulysses, ring) communicators, metered; USP builds a 2-D (ring, ulysses) device mesh.
-    With tensor parallelism `mesh` is the (ring, ulysses, tensor) mesh and "world" is this rank's
-    context-parallel group: the ranks holding the same heads."""
+    With a hybrid mesh (`tensor.hybrid_mesh`: cfg, ring, ulysses, tensor) "world" is this rank's
+    context-parallel group: the ranks of its CFG half holding the same heads."""
     from ..plugins import manager
 
     m = manager()
@@ -194,7 +194,7 @@ def _key_mask(mask: torch.Tensor | None, key: torch.Tensor) -> torch.Tensor | No
 def apply_context_parallel(transformer: nn.Module, config: ParallelConfig, backend, router, caches=(),
                            mesh=None) -> ContextParallel:
     """Hook `transformer` for context parallelism; `router` is its AttentionRouter, `caches` its StackCaches,
-    `mesh` the (ring, ulysses, tensor) device mesh when tensor parallelism shares the world."""
+    `mesh` the hybrid (cfg, ring, ulysses, tensor) device mesh when another dimension shares the world."""
     mode = cp_mode(config)
     plan = cp_plan_for(transformer)
     world, ulysses, ring = _communicators(config, backend, mesh)

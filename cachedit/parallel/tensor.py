@@ -18,8 +18,8 @@ all-gathered, one all-gather each. Head counts must divide by the degree; other 
 MLP's hidden features, e.g. Z-Image's 8/3 ratio) may split unevenly, like `tensor_split`.
 
 Every rank of a tensor group ends each reduce with the same sum, so cache decisions agree without
-a reduce of their own. With context parallelism too (`hybrid_mesh`: (ring, ulysses, tensor), tensor
-innermost), the sequence is split over each context-parallel group, which averages the cache
+a reduce of their own. With context parallelism too (`hybrid_mesh`: (cfg, ring, ulysses, tensor),
+tensor innermost), the sequence is split over each context-parallel group, which averages the cache
 statistic over its ranks as usual; tensor peers hold identical values, so all groups agree.
 
 Sharding uses plain local tensors: each planned parameter is replaced by this rank's shard. The
@@ -167,9 +167,6 @@ def check_tensor_parallel(transformers: dict[str, nn.Module], config: ParallelCo
     `config.tensor > 1`) and to `text_encoders` (ValueError). The model checks come first, so they
     answer the same with or without a process group."""
     if config.tensor > 1:
-        if config.cfg > 1:
-            raise ValueError(f"ParallelConfig.cfg={config.cfg} with tensor={config.tensor} is not supported; "
-                             "allowed: cfg=1 when tensor > 1 (combine tensor with ulysses / ring instead)")
         for name, t in transformers.items():
             plan = check_module(t, config.tensor, f"pipe.{name}", f"ParallelConfig.tensor={config.tensor}")
             local = min(plan.head_counts, default=config.ulysses * config.tensor) // config.tensor
@@ -346,15 +343,18 @@ def remove_tensor_parallel(tp: TensorParallel) -> None:
     tp.params.clear()
 
 
+MESH_DIMS = ("cfg", "ring", "ulysses", "tensor")  # outermost first
+
+
 def hybrid_mesh(config: ParallelConfig, device_type: str):
-    """The (ring, ulysses, tensor) device mesh when tensor parallelism shares the world with context
-    parallelism (tensor innermost: a tensor group is neighbouring ranks); None otherwise."""
-    if config.tensor == 1 or (config.ulysses == 1 and config.ring == 1):
+    """The (cfg, ring, ulysses, tensor) device mesh when more than one degree is > 1; None when one
+    dimension is the whole world. cfg outermost: each CFG half is a block of ranks with its own
+    context- and tensor-parallel groups; tensor innermost: a tensor group is neighbouring ranks."""
+    if sum(getattr(config, d) > 1 for d in MESH_DIMS) < 2:
         return None
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh(device_type, (config.ring, config.ulysses, config.tensor),
-                            mesh_dim_names=("ring", "ulysses", "tensor"))
+    return init_device_mesh(device_type, tuple(getattr(config, d) for d in MESH_DIMS), mesh_dim_names=MESH_DIMS)
 
 
 def tensor_communicator(backend, mesh=None) -> MeteredCommunicator:
