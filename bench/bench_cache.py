@@ -1,30 +1,43 @@
-"""Cache benchmark: uncached vs cachedit configurations side by side in one run.
+"""Cache benchmark: overhead, efficiency and parity, each against the plain pipeline in one run.
 
-    python bench/bench_cache.py [--model reference|tiny|FOLDER] [--steps 28] [--repeats 3] [--out bench/out/cache]
+    python bench/bench_cache.py [--model reference] [--steps 28] [--repeats 3] [--prompts 10] [--out bench/out/cache]
 
-Reports, per configuration, the fraction of block computations done (its inverse is the
-ideal speedup), the measured speedup of the transformer calls, their ratio (measured / ideal),
-the pipeline speedup and PSNR / SSIM against uncached. `cachedit bench` adds the peers.
+Three parts, every time a median of paired ratios (plain, accelerated, plain, ...), CPU time:
+1. overhead: caches that never skip, on the reference model and on a 9-block FLUX (hidden 128);
+2. efficiency (true CFG, as the model is meant to run): measured / ideal speedup of cachedit's
+   configurations and the peers' (cache-dit DBCache +-TaylorSeer, diffusers FirstBlockCache and
+   TaylorSeerCache lite / full), ideal = executed transformer-block FLOPs;
+3. parity (no CFG: cache-dit 1.5.3 shares one state between CFG branches): cachedit and cache-dit at
+   identical settings, whether their outputs are identical and cachedit's time / cache-dit's.
 """
 
 from __future__ import annotations
 
 import argparse
+
 import torch
+from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
 
-from cachedit.benchmark import Method, save_table, _cachedit, model_and_call, run_bench
+from cachedit.benchmarking import cachedit_method, diffusers_method, model_and_call, run_bench, save_table
+from cachedit.benchmarking.methods import dbcache_pair, overhead_methods
+from cachedit.benchmarking.report import headline, headline_text, markdown
 
-CONFIGS = {
-    "F1B0 t=0.05": dict(Fn=1, Bn=0, residual_diff_threshold=0.05, warmup_steps=4),
-    "F1B0 t=0.10": dict(Fn=1, Bn=0, residual_diff_threshold=0.10, warmup_steps=4),
-    "F1B0 t=0.20 mc3": dict(Fn=1, Bn=0, residual_diff_threshold=0.20, warmup_steps=4, max_continuous_cached_steps=3),
-    "F1B0 t=0.20 mc3 TaylorSeer": dict(Fn=1, Bn=0, residual_diff_threshold=0.20, warmup_steps=4,
-                                       max_continuous_cached_steps=3, calibrator="taylorseer"),
-    "static mask fast": dict(Fn=1, Bn=0, residual_diff_threshold=0, warmup_steps=0, steps_mask="fast",
-                             mask_mode="static"),
-    "static mask ultra": dict(Fn=1, Bn=0, residual_diff_threshold=0, warmup_steps=0, steps_mask="ultra",
-                              mask_mode="static"),
-}
+
+def efficiency_methods():
+    methods = [*overhead_methods()]
+    for t in (0.1, 0.2):
+        methods += dbcache_pair(t, taylorseer=False) + dbcache_pair(t, taylorseer=True)
+    methods.append(cachedit_method("step mask fast +TaylorSeer", Fn=1, Bn=0, residual_diff_threshold=0,
+                                   warmup_steps=0, steps_mask="fast", mask_mode="static", calibrator="taylorseer"))
+    methods.append(diffusers_method("diffusers FirstBlockCache t=0.2", lambda: FirstBlockCacheConfig(threshold=0.2),
+                                    threshold=0.2))
+    for lite in (True, False):
+        methods.append(diffusers_method(
+            "diffusers TaylorSeerCache interval=3" + (" lite" if lite else ""),
+            lambda lite=lite: TaylorSeerCacheConfig(cache_interval=3, disable_cache_before_step=3,
+                                                    taylor_factors_dtype=torch.float32, use_lite_mode=lite),
+            cache_interval=3, lite=lite))
+    return methods
 
 
 def main() -> None:
@@ -32,21 +45,32 @@ def main() -> None:
     parser.add_argument("--model", default="reference")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prompts", type=int, default=10, help="how many of the model's prompts")
+    parser.add_argument("--parts", default="overhead,efficiency,parity")
     parser.add_argument("--out", default="bench/out/cache")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    load, call, prompts = model_and_call(args.model)
-    methods = [Method("uncached", "uncached", lambda p: None, lambda p: None)]
-    methods += [_cachedit(name, **cfg) for name, cfg in CONFIGS.items()]
-    rows = run_bench(load, call, prompts[:3], args.steps, args.repeats, methods=methods, log=lambda *a: None)
-    head = "| config | computed | ideal x (blocks) | transformer x | measured/ideal | pipeline x | PSNR dB | SSIM |"
-    lines = [head, "|" + "---|" * 8]
-    for r in rows:
-        fraction = r["computed_fraction"] or 1.0
-        lines.append(f"| {r['method']} | {fraction:.2f} | {1 / fraction:.2f} | {r['transformer_speedup']:.2f} | "
-                     f"{r['transformer_speedup'] * fraction:.2f} | {r['speedup']:.2f} | {r['psnr_db']:.2f} | "
-                     f"{r['ssim']:.4f} |")
-    save_table(args.out, "cache", {"model": args.model, "steps": args.steps, "rows": rows}, "\n".join(lines))
+    parts = set(args.parts.split(","))
+    payload, text = {"model": args.model, "steps": args.steps, "repeats": args.repeats}, []
+
+    def part(name, model, methods, cfg=True):
+        load, call, prompts = model_and_call(model, cfg=cfg)
+        rows = run_bench(load, call, prompts[:args.prompts], args.steps, args.repeats, methods=methods,
+                         log=lambda *a: None)
+        payload[name] = {"model": model, "cfg": cfg, "headline": headline(rows), "rows": rows}
+        text.extend([f"## {name}: {model}, {'true CFG' if cfg else 'no CFG'}", headline_text(headline(rows)), "",
+                     markdown(rows), ""])
+
+    if "overhead" in parts:
+        part("overhead (9-block FLUX, hidden 128, random weights)", "flux9", overhead_methods())
+    if "efficiency" in parts:
+        part("efficiency", args.model, efficiency_methods())
+    if "parity" in parts:
+        part("parity with cache-dit", args.model,
+             [*overhead_methods()[:1]] + [m for t in (0.1, 0.2) for ts in (False, True) for m in dbcache_pair(t, ts)],
+             cfg=False)
+    save_table(args.out, "cache", payload, "\n".join(text))
+
 
 if __name__ == "__main__":
     main()

@@ -32,7 +32,7 @@ import time
 import torch
 
 import cachedit
-from cachedit.benchmark import save_table
+from cachedit.benchmarking import save_table
 from cachedit.parallel.communicator import Pending
 from cachedit.testing.distributed import run_distributed
 from cachedit.testing.tiny import tiny_call_kwargs, tiny_pipeline

@@ -24,7 +24,7 @@ import time
 import torch
 
 import cachedit
-from cachedit.benchmark import save_table
+from cachedit.benchmarking import save_table
 from cachedit.quant.linear import weight_bytes
 from cachedit.testing.distributed import run_distributed
 from cachedit.testing.reference import digit_prompt, reference_call_kwargs, reference_pipeline

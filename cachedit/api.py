@@ -12,7 +12,7 @@ from diffusers.hooks import ModelHook
 
 from . import hooks
 from .adapters import Adapter, adapter_for, transformers_of
-from .attention import TORCH_SDPA, AttentionRouter, select_kernel
+from .attention import TORCH_SDPA, AttentionRouter, needs_router, select_kernel
 from .cache.dbcache import apply_cache, remove_cache
 from .fusion import fuse_qkv, unfuse_qkv
 from .parallel.cfg import apply_cfg_parallel, cfg_communicator, check_cfg_parallel, remove_cfg_parallel
@@ -185,7 +185,9 @@ def accelerate(pipe, device: str = "auto", cache=None, parallel=None, quantize=N
                 skip = set(state.fused_qkv[name].aliased) if name in state.fused_qkv else frozenset()
                 state.quantized[name] = apply_quantization(transformer, quant_cfg, path, skip)
             context_parallel = parallel_cfg is not None and cp_mode(parallel_cfg) is not None
-            if attention != TORCH_SDPA.name or context_parallel:  # torch_sdpa alone: nothing to route
+            param = next(transformer.parameters(), None)
+            dtype = param.dtype if param is not None else torch.float32
+            if context_parallel or needs_router(kernels, attention, dtype, _head_dim(transformer) or 64):
                 router = AttentionRouter(kernels, attention)
                 for module in _attention_modules(transformer):
                     hooks.attach(module, AttentionHook(router), ATTENTION_HOOK)

@@ -97,6 +97,14 @@ def select_kernel(
     raise ValueError(f"no attention kernel fits dtype={dtype}, head_dim={head_dim}, {needs}: " + "; ".join(reasons))
 
 
+def needs_router(kernels: list[AttentionKernel], requested: str | None, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether attention must be routed at all: a kernel was named, or a backend kernel outranks torch's
+    SDPA for this model's calls. Otherwise the model's own SDPA calls stay exactly as they are."""
+    if requested not in (None, "auto"):
+        return requested != TORCH_SDPA.name
+    return any(select_kernel(kernels, None, dtype, head_dim, mask=mask).name != TORCH_SDPA.name for mask in (False, True))
+
+
 # Tensor methods written in Python end in `super().name()`, which dynamo cannot trace while a
 # torch function mode is active (a graph break per call); their torch.* forms are equivalent.
 _FUNCTIONAL_FORMS = frozenset({"unflatten", "split", "norm", "unique"})

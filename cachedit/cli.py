@@ -4,7 +4,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+import warnings
+
+# Messages of other libraries that say nothing to a cachedit user, silenced for the command line only
+# (never on `import cachedit`): torchao's CUDA-only kernels that cannot load on a CPU, torch's notice about
+# torchao registering enums, diffusers' torchao serialisation notice, transformers' torchvision fallbacks.
+HARMLESS_LOGGERS = ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer",
+                    "transformers.utils.import_utils")
+HARMLESS_WARNINGS = ((FutureWarning, r"`\w+` is deprecated and will be removed in version"),
+                     (DeprecationWarning, r"`torch.jit.script_method` is deprecated"))
+
+
+def quiet_third_party() -> None:
+    """The command line prints its own output and progress, not other libraries' loading bars and notices."""
+    for name in HARMLESS_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for category, message in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -33,7 +56,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from .benchmark import model_and_call
+    from .benchmarking import model_and_call
     from .cache.calibrate import calibrate
 
     load, call, prompts = model_and_call(args.model)
@@ -87,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", action="append", default=[], help="only this backend (repeatable)")
     p.set_defaults(func=cmd_conformance)
     args = parser.parse_args(argv)
+    quiet_third_party()
     return args.func(args)
 
 

@@ -6,8 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
+# pip's and the build backends' own chatter goes to a log, shown only if a step fails.
+log=.venv/setup.log
+quiet() { "$@" >>"$log" 2>&1 || { cat "$log"; echo "setup failed: $*" >&2; exit 1; }; }
+: >"$log"
+echo "installing into .venv (log: $log)"
+quiet .venv/bin/python -m pip install --upgrade pip
 # shellcheck disable=SC2086
-.venv/bin/python -m pip install -q ${TORCH_SPEC:-torch==2.13.0}
-.venv/bin/python -m pip install -q -e ".[test]" -e plugins/cpu_ref -e plugins/cuda -e plugins/ascend
+quiet .venv/bin/python -m pip install ${TORCH_SPEC:-torch==2.13.0}
+quiet .venv/bin/python -m pip install -e ".[test]" -e plugins/cpu_ref -e plugins/cuda -e plugins/ascend
 .venv/bin/python -m cachedit backends

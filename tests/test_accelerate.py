@@ -49,15 +49,22 @@ def _assert_unchanged(pipe, snap):
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_accelerate_routes_attention_and_disable_is_bitwise(family):
+def test_default_path_is_the_plain_pipeline_and_a_named_kernel_is_routed(family):
     pipe = tiny_pipeline(family)
     before = _run(pipe, family)
     snap = _snapshot(pipe)  # after a call: pipelines keep per-call attributes of their own
+    # Nothing to skip or split: the default path leaves the model's own SDPA calls alone (same code path).
     assert cachedit.accelerate(pipe, device="cpu_ref") is pipe
-    during = _run(pipe, family)
+    assert torch.equal(_run(pipe, family), before)
     info = cachedit.summary(pipe)
-    assert info["backend"] == "cpu_ref"
-    for name, calls in info["attention"]["eager_calls"].items():
+    assert info["backend"] == "cpu_ref" and info["attention"]["eager_calls"] == {}
+    assert info["attention"]["kernels"] == {name: ["torch_sdpa"] for name in info["families"]}
+    cachedit.disable(pipe)
+    _assert_unchanged(pipe, snap)
+
+    cachedit.accelerate(pipe, device="cpu_ref", attention="math")
+    during = _run(pipe, family)
+    for name, calls in cachedit.summary(pipe)["attention"]["eager_calls"].items():
         assert calls.get("math", 0) > 0, f"{family}.{name}: attention did not reach the cpu_ref kernel"
     assert (during - before).abs().max().item() <= ROUTED_ATOL
     cachedit.disable(pipe)
@@ -139,10 +146,10 @@ def test_kernel_lacking_a_capability_is_a_clear_error(fresh_plugins):
     with pytest.raises(ValueError, match=r"attention='half_only' cannot serve this model: dtype torch.float32 not in"):
         cachedit.accelerate(pipe, device="cpu_ref", attention="half_only")
     _assert_unchanged(pipe, snap)
-    # "auto" falls back past it to the best kernel that fits, as declared.
+    # "auto" falls back past it to the best kernel that fits, as declared: torch's own SDPA, so nothing is routed.
     cachedit.accelerate(pipe, device="cpu_ref")
     _run(pipe, "flux")
-    assert cachedit.summary(pipe)["attention"]["kernels"] == {"transformer": ["math"]}
+    assert cachedit.summary(pipe)["attention"]["kernels"] == {"transformer": ["torch_sdpa"]}
 
 
 def test_compile_per_block_with_cpu_inductor():
@@ -153,7 +160,7 @@ def test_compile_per_block_with_cpu_inductor():
     torch._dynamo.reset()
     dynamo_utils.counters.clear()
     weights = weight_bytes(pipe.transformer)
-    cachedit.accelerate(pipe, device="cpu_ref", compile=dict(fuse_qkv=True))
+    cachedit.accelerate(pipe, device="cpu_ref", attention="math", compile=dict(fuse_qkv=True))
     during = _run(pipe, "flux")
     assert dict(dynamo_utils.counters["graph_break"]) == {}, "the attention router broke the block graphs"
     assert cachedit.summary(pipe)["attention"]["kernels"] == {"transformer": ["math"]}

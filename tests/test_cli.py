@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from cachedit.benchmark import Method, _cachedit, _diffusers, frontier, markdown, model_and_call, run_bench
+from cachedit.benchmarking import cachedit_method, diffusers_method, frontier, headline, markdown, model_and_call, run_bench
 from cachedit.metrics import computed_fraction, psnr, ssim
 
 
@@ -40,18 +40,22 @@ def test_bench_runs_ours_and_peers_side_by_side():
     from diffusers import FirstBlockCacheConfig
 
     load, call, prompts = model_and_call("reference")
-    methods = [Method("uncached", "uncached", lambda p: None, lambda p: None),
-               _cachedit("DBCache t=0.3", Fn=1, Bn=0, residual_diff_threshold=0.3, warmup_steps=2),
-               _diffusers("FBC t=0.3", lambda: FirstBlockCacheConfig(threshold=0.3), threshold=0.3)]
+    methods = [cachedit_method("never skips", role="overhead", residual_diff_threshold=0, warmup_steps=0),
+               cachedit_method("DBCache t=0.3", Fn=1, Bn=0, residual_diff_threshold=0.3, warmup_steps=2),
+               diffusers_method("FBC t=0.3", lambda: FirstBlockCacheConfig(threshold=0.3), threshold=0.3)]
     rows = run_bench(load, call, prompts[:1], 12, 1, methods=methods, log=lambda *a: None)
     by_name = {r["method"]: r for r in rows}
     assert by_name["uncached"]["ideal_speedup"] == 1.0 and by_name["uncached"]["psnr_db"] == float("inf")
+    never = by_name["never skips"]  # bitwise the plain pipeline: same images, same FLOPs
+    assert never["psnr_db"] == float("inf") and never["block_ideal_speedup"] == 1.0 and never["pairs"] == 1
     for name in ("DBCache t=0.3", "FBC t=0.3"):
-        assert by_name[name]["ideal_speedup"] > 1.2 and 20 < by_name[name]["psnr_db"] < 80
+        assert by_name[name]["block_ideal_speedup"] > 1.2 and 20 < by_name[name]["psnr_db"] < 80
     ours = by_name["DBCache t=0.3"]
-    # the FLOP-counted ideal and the cache's own block count tell the same story (embedders are not skipped)
+    # skipped blocks are the skipped FLOPs; embedders and output layers always run
     assert 1.0 < ours["ideal_speedup"] <= ours["block_ideal_speedup"]
     assert "| DBCache t=0.3 |" in markdown(rows) and frontier(rows, "cachedit")
+    summary = headline(rows)
+    assert set(summary["overhead"]) == {"never skips"} and summary["max_overhead"] == never["time_ratio"]
 
 
 def test_calibrate_command_prints_options(tmp_path):
@@ -82,3 +86,13 @@ def test_generate_under_torchrun_matches_one_process(tmp_path, parallel):
     assert steps(two) == steps(one)
     pixels = [np.asarray(Image.open(tmp_path / d / "seed0_steps8.png")).astype(int) for d in ("one", "two")]
     assert np.abs(pixels[0] - pixels[1]).max() <= 1  # 8-bit PNGs of outputs equal to ~1e-6
+
+
+def test_demo_prints_its_own_output_only(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cachedit", "demo", "--steps", "2", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "disable() restores bitwise-identical output: True" in proc.stdout
+    # stderr holds the demo's own progress bar and nothing else: no third-party notices or loading bars
+    lines = [line.strip() for line in proc.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert lines and all(line.startswith("demo:") for line in lines), lines

@@ -1,7 +1,5 @@
 """Tests of the offline tiny pipelines of cachedit.testing.tiny."""
 
-import importlib.util
-
 import diffusers
 import huggingface_hub
 import pytest
@@ -69,6 +67,12 @@ def test_deterministic(family):
     assert any(not torch.equal(v, other[k]) for k, v in sd_a["transformer"].items())
 
 
+# A reloaded model holds bitwise-equal weights, but its tensors may be laid out differently in memory, and on
+# some CPUs (seen on AMD EPYC) the kernels then take another path: outputs ~1e-6 apart. Weights are compared
+# bitwise, outputs within this tolerance (images in [0, 1]).
+ROUND_TRIP_ATOL = 2e-5
+
+
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_save_load_round_trip(family, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -76,17 +80,16 @@ def test_save_load_round_trip(family, tmp_path, monkeypatch):
     pipe = tiny_pipeline(family)
     expected = _run(pipe, family)
     pipe.save_pretrained(tmp_path)
-    if importlib.util.find_spec("accelerate") is None:
-        # Without accelerate, diffusers 0.42.1 cannot `from_pretrained` a model that has `_keep_in_fp32_modules`
-        # (WanTransformer3DModel): "`low_cpu_mem_usage` cannot be False when `keep_in_fp32_modules` is True".
-        # Harmless to drop here: everything is float32.
-        for component in pipe.components.values():
-            if getattr(component, "_keep_in_fp32_modules", None) and isinstance(component, diffusers.ModelMixin):
-                monkeypatch.setattr(type(component), "_keep_in_fp32_modules", None)
     loaded = diffusers.DiffusionPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
     assert type(loaded) is type(pipe)
-    assert torch.equal(_run(loaded, family), expected)
+    saved, reloaded = _state_dicts(pipe), _state_dicts(loaded)
+    assert saved.keys() == reloaded.keys()
+    for name in saved:
+        assert saved[name].keys() == reloaded[name].keys(), name
+        for key in saved[name]:
+            assert torch.equal(saved[name][key], reloaded[name][key]), f"{name}.{key}"
+    torch.testing.assert_close(_run(loaded, family), expected, rtol=0, atol=ROUND_TRIP_ATOL)
 
 
 def test_unknown_family():

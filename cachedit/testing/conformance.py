@@ -236,8 +236,12 @@ def test_accelerate_then_disable_is_bitwise(cachedit_backend):
     before = pipe("a photo of a cat", **tiny_call_kwargs("flux")).images
     cachedit.accelerate(pipe, device=cachedit_backend.name)
     during = pipe("a photo of a cat", **tiny_call_kwargs("flux")).images
-    calls = cachedit.summary(pipe)["attention"]["eager_calls"]["transformer"]
-    assert sum(calls.values()) > 0, "attention did not go through the backend's kernels"
+    attention = cachedit.summary(pipe)["attention"]
+    calls = attention["eager_calls"].get("transformer")
+    if calls is None:  # no kernel of the backend outranks torch's SDPA: nothing is routed, the model runs as is
+        assert attention["kernels"]["transformer"] == ["torch_sdpa"] and torch.equal(during, before)
+    else:
+        assert sum(calls.values()) > 0, "attention did not go through the backend's kernels"
     cachedit.disable(pipe)
     after = pipe("a photo of a cat", **tiny_call_kwargs("flux")).images
     assert torch.equal(before, after)

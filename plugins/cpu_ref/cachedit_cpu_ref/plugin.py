@@ -35,7 +35,9 @@ def cachedit_attention_kernels(backend):
         return None
     return [AttentionKernel(
         name="math", fn=math_attention, dtypes=frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16}),
-        returns_lse=True, supports_mask=True, supports_causal=True, supports_gqa=True, priority=100, exact=True,
+        returns_lse=True, supports_mask=True, supports_causal=True, supports_gqa=True, priority=-200, exact=True,
+        # Below torch_sdpa: it serves only calls SDPA cannot (the LSE Ring attention merges) or when named,
+        # so by default a CPU pipeline keeps its own SDPA calls, bit for bit.
         description="softmax(QK^T)V in float32 with log-sum-exp",
     )]
 
