@@ -98,6 +98,16 @@ def _head_dim(transformer: nn.Module) -> int | None:
     return None
 
 
+def _execution_device(module: nn.Module) -> str | None:
+    """Where an offloaded model computes: accelerate's offload hooks keep the weights elsewhere (on "meta"
+    for sequential offload) and bring them to their `execution_device` for each call."""
+    for m in module.modules():
+        device = getattr(getattr(m, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            return torch.device(device).type
+    return None
+
+
 def _validate(pipe, backend: Backend, cache, parallel, quantize, compile_cfg, attention) -> dict[str, Adapter]:
     """Every check that can fail, before anything is modified."""
     if getattr(pipe, STATE_ATTR, None) is not None:
@@ -109,7 +119,7 @@ def _validate(pipe, backend: Backend, cache, parallel, quantize, compile_cfg, at
     kernels = manager().attention_kernels(backend)
     for name, t in transformers.items():
         param = next(t.parameters(), None)
-        if param is not None and param.device.type != backend.device_type:
+        if param is not None and param.device.type != backend.device_type and _execution_device(t) != backend.device_type:
             raise ValueError(f"device={backend.name!r} runs on {backend.device_type!r} but pipe.{name} is on "
                              f"{param.device.type!r}; move it first, e.g. pipe.to({backend.device_type!r})")
         head_dim = _head_dim(t)
