@@ -18,6 +18,7 @@ import argparse
 import torch
 from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
 
+from cachedit.cli import quiet_third_party
 from cachedit.benchmarking import cachedit_method, diffusers_method, model_and_call, run_bench, save_table
 from cachedit.benchmarking.methods import dbcache_pair, overhead_methods
 from cachedit.benchmarking.report import headline, headline_text, markdown
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("--parts", default="overhead,efficiency,parity")
     parser.add_argument("--out", default="bench/out/cache")
     args = parser.parse_args()
+    quiet_third_party()
     torch.set_num_threads(1)
     parts = set(args.parts.split(","))
     payload, text = {"model": args.model, "steps": args.steps, "repeats": args.repeats}, []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 
@@ -21,6 +22,7 @@ def quiet_third_party() -> None:
     """The command line prints its own output and progress, not other libraries' loading bars and notices."""
     for name in HARMLESS_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")  # the bench's peer logs every hook it installs
     for category, message in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
     import diffusers.utils.logging
