@@ -1,0 +1,75 @@
+"""Device placement on a stand-in accelerator (`tests/fakes/accelerator.py`): every host/device mix a GPU or
+NPU run would crash on fails here, on a CPU. Quantization, each parallel mode's collectives (Ulysses even and
+uneven, Ring, tensor, CFG), the cache and the components run through it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from cachedit.config import QuantConfig
+from cachedit.parallel.communicator import Communicator
+from cachedit.quant.linear import apply_quantization, remove_quantization
+from cachedit.testing.distributed import run_distributed
+
+from .fakes.accelerator import DEVICE, PlacementError, accelerator, to_host
+
+
+def test_harness_catches_a_host_tensor_in_a_device_op():
+    with accelerator():
+        x = torch.randn(3, 4, device=DEVICE)
+        assert x.device == DEVICE
+        x + torch.tensor(2.0)  # a 0-dim host tensor is a scalar, as CUDA accepts it
+        with pytest.raises(PlacementError, match="host tensors"):
+            x + torch.ones(4)
+        assert x.to("cpu").device.type == "cpu" and x.sum().item() == pytest.approx(to_host(x).sum().item())
+
+
+# -- quantization (finding 1: the quantized linear shared the bias the original took to the host) ---------------
+def test_quantized_linears_run_on_the_device_and_disable_restores_bitwise():
+    from cachedit_cpu_ref.quant import EmulatedLinearPath
+    from cachedit.quant.spec import QuantSpec
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(5, 16)
+    with accelerator():
+        model.to(DEVICE)
+        swapped = apply_quantization(model, QuantConfig(scheme="int8"), EmulatedLinearPath(QuantSpec("int8", "row")))
+        y = model(x.to(DEVICE))
+        assert y.device == DEVICE
+        assert all(p.device == DEVICE for p in model.parameters())
+        remove_quantization(swapped)
+        assert all(p.device == DEVICE for p in model.parameters())
+        after = {k: to_host(v) for k, v in model.state_dict().items()}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# -- collectives --------------------------------------------------------------------------------------------------
+def _ulysses_on_rank(rank, world, seqs):
+    from cachedit.parallel.ulysses import ulysses_attention
+    from cachedit.testing.conformance import reference_attention
+
+    g = torch.Generator().manual_seed(0)
+    full = [torch.randn(1, 4, sum(seqs), 8, generator=g) for _ in range(3)]
+    start = sum(seqs[:rank])
+    local = [t[:, :, start:start + seqs[rank]] for t in full]
+
+    def inner(q, k, v, mask):
+        return reference_attention(q, k, v)[0].to(q.dtype)
+
+    with accelerator() as log:
+        q, k, v = (t.to(DEVICE) for t in local)
+        out = ulysses_attention(Communicator(), q, k, v, None, inner, uneven=len(set(seqs)) > 1)
+        assert out.device == DEVICE
+        out = out.to("cpu")
+    want = reference_attention(*full)[0].float()[:, :, start:start + seqs[rank]]
+    return {"err": (out - want).abs().max().item(), "collectives": log}
+
+
+@pytest.mark.parametrize("seqs", [(6, 6), (7, 5)], ids=["even", "uneven"])
+def test_ulysses_collectives_take_device_tensors_only(seqs):
+    for res in run_distributed(_ulysses_on_rank, 2, args=(list(seqs),)):
+        assert res["err"] < 1e-5 and res["collectives"]
