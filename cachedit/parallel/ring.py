@@ -36,7 +36,7 @@ def ring_attention(comm: Communicator, query: torch.Tensor, key: torch.Tensor, v
                    mask: torch.Tensor | None, scale: float | None, kernel, *, uneven: bool) -> torch.Tensor:
     """Attention of this rank's queries over the keys of every rank of `comm`."""
     world, rank = comm.world_size, comm.rank
-    lens = gather_lengths(comm, key.shape[SEQ])[0] if uneven else [key.shape[SEQ]] * world
+    lens = gather_lengths(comm, key.shape[SEQ], device=key.device)[0] if uneven else [key.shape[SEQ]] * world
     masks = None
     if mask is not None:
         wire = mask.to(torch.uint8) if mask.dtype == torch.bool else mask

@@ -25,7 +25,9 @@ class QuantizedLinear(nn.Module):
         qweight, scale = path.quantize_weight(linear.weight.detach())
         self.register_buffer("qweight", qweight)
         self.register_buffer("w_scale", scale)
-        self.bias = linear.bias
+        # Its own bias: the original (with its bias) goes to the host when kept for `disable()`.
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
+                                                                  requires_grad=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.path = path
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -73,6 +74,17 @@ _CROSS_DEVICE = {"aten::copy_", "aten::_to_copy", "aten::_copy_from", "aten::_co
                  "aten::set_.source_Storage_storage_offset"}
 
 
+class _FromData(TorchFunctionMode):
+    """`torch.tensor(data, device=...)` copies host data to the device below the dispatcher's Python modes;
+    build it on the host and move it with a dispatched `.to()` instead."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.tensor, torch.as_tensor) and _is_accel_device(kwargs.get("device")):
+            return func(*args, **{**kwargs, "device": "cpu"}).to(DEVICE)
+        return func(*args, **kwargs)
+
+
 class _Mode(TorchDispatchMode):
     def __init__(self, log: list) -> None:
         super().__init__()
@@ -83,6 +95,8 @@ class _Mode(TorchDispatchMode):
         name = func._schema.name + ("." + func._overloadname if func._overloadname != "default" else "")
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         on_accel = [isinstance(t, OnAccelerator) for t in tensors]
+        if any(t.device == DEVICE and not a for t, a in zip(tensors, on_accel)):
+            raise PlacementError(f"{name}: got a real {DEVICE} tensor (no data); the harness missed its factory")
         if func.namespace == "c10d":
             if tensors and not all(on_accel):
                 host = [tuple(t.shape) for t, a in zip(tensors, on_accel) if not a]
@@ -123,7 +137,7 @@ def accelerator():
     swap = torch.__future__.get_swap_module_params_on_conversion()
     torch.__future__.set_swap_module_params_on_conversion(True)
     try:
-        with _Mode(log):
+        with _FromData(), _Mode(log):
             yield log
     finally:
         torch.__future__.set_swap_module_params_on_conversion(swap)
