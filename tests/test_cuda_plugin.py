@@ -92,7 +92,7 @@ def test_no_kernels_offered_when_unavailable(backend):
 
 # -- kernel choice by capability -------------------------------------------------------------------------------
 def test_hopper_offers_all_kernels_in_priority_order(gpu, backend):
-    gpu(capabilities=((9, 0),))
+    gpu(capabilities=((9, 0),), cudnn=91500)
     kernels = manager().attention_kernels(backend)
     names = [k.name for k in sorted(kernels, key=lambda k: -k.priority)]
     assert names == ["fa3", "cudnn_sdpa", "flash_sdpa", "efficient_sdpa", "torch_sdpa"]
@@ -113,7 +113,8 @@ def test_ampere_has_no_fa3_and_names_why(gpu, backend):
     gpu(capabilities=((8, 0),))
     kernels = manager().attention_kernels(backend)
     assert "fa3" not in {k.name for k in kernels}
-    assert select_kernel(kernels, None, torch.bfloat16, 128).name == "cudnn_sdpa"
+    assert select_kernel(kernels, None, torch.bfloat16, 128).name == "flash_sdpa"
+    assert select_kernel(kernels, None, torch.bfloat16, 128, mask=True).name == "cudnn_sdpa"
     with pytest.raises(ValueError, match="attention='fa3' is not a kernel of this backend"):
         select_kernel(kernels, "fa3", torch.bfloat16, 128)
     assert "9.x only" in cuda_plugin.kernel_report()["skipped_kernels"]["fa3"]
@@ -214,6 +215,42 @@ def test_fa3_lse_of_rows_with_nothing_to_attend_is_minus_inf(gpu):
     out, lse = _kernel("fa3").fn(q, k, v, is_causal=True, return_lse=True)
     assert torch.isneginf(lse[..., :16]).all() and torch.isfinite(lse[..., 16:]).all()
     assert (out[..., :16, :] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["cudnn_sdpa", "efficient_sdpa"])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float16], ids=["bool", "float"])
+def test_rows_with_no_kept_key_give_zero_and_lse_minus_inf(gpu, name, mask_dtype):
+    """Fully masked rows (Ring attention over padding keys): cuDNN gets -65504 where torch gives it -65504 (the
+    fake rejects -inf), the mem-efficient kernel may report LSE 0 there (the fake does); cachedit's convention
+    is output 0 and LSE -inf on such rows, whatever the kernel does."""
+    gpu(capabilities=((9, 0),))
+    kernel = _kernel(name)
+    q, k, v = random_qkv(torch.float16)
+    keep = torch.rand(2, 1, 37, 29, generator=torch.Generator().manual_seed(1)) > 0.3
+    keep[..., 0] = True
+    keep[:, :, :5] = False  # five rows with nothing to attend to
+    mask = keep if mask_dtype == torch.bool else torch.zeros(keep.shape).masked_fill(~keep, float("-inf")).half()
+    ref, ref_lse = reference_attention(q, k, v, attn_mask=keep)
+    for out, lse in (kernel.fn(q, k, v, attn_mask=mask, return_lse=True), (kernel.fn(q, k, v, attn_mask=mask), None)):
+        assert (out[:, :, :5] == 0).all()
+        assert max_err(out[:, :, 5:], ref[:, :, 5:]) <= ATTENTION_ATOL[torch.float16]
+        if lse is not None:
+            assert torch.isneginf(lse[:, :, :5]).all()
+            assert max_err(lse[:, :, 5:], ref_lse[:, :, 5:]) <= 4e-2
+
+
+def test_cudnn_ranks_above_flash_only_where_torch_prefers_it(gpu):
+    """torch's sdp_utils (check_prefer_cudnn_attention) puts cuDNN first only from cuDNN 9.15 on sm90 / sm100;
+    elsewhere it ranks below flash (and still above the mem-efficient kernel)."""
+    def order(caps, cudnn):
+        gpu(capabilities=caps, cudnn=cudnn)
+        kernels = cuda_attention.offered_kernels(list(caps))[0]
+        return [k.name for k in sorted(kernels, key=lambda k: -k.priority) if k.name != "fa3"]
+
+    assert order(((9, 0),), 91500) == ["cudnn_sdpa", "flash_sdpa", "efficient_sdpa"]
+    assert order(((9, 0),), 91002) == ["flash_sdpa", "cudnn_sdpa", "efficient_sdpa"]
+    assert order(((8, 0),), 91500) == ["flash_sdpa", "cudnn_sdpa", "efficient_sdpa"]
+    assert order(((9, 0),), 90000) == ["flash_sdpa", "cudnn_sdpa", "efficient_sdpa"]
 
 
 def test_fa3_works_with_releases_returning_lse_always(gpu):
