@@ -15,6 +15,8 @@ from cachedit.testing.distributed import run_distributed
 
 from .fakes.accelerator import DEVICE, PlacementError, accelerator, to_host
 
+GROUP = f"cpu:gloo,{DEVICE.type}:gloo"  # the stand-in accelerator's tensors travel over gloo (as CPU data)
+
 
 def test_harness_catches_a_host_tensor_in_a_device_op():
     with accelerator():
@@ -71,5 +73,45 @@ def _ulysses_on_rank(rank, world, seqs):
 
 @pytest.mark.parametrize("seqs", [(6, 6), (7, 5)], ids=["even", "uneven"])
 def test_ulysses_collectives_take_device_tensors_only(seqs):
-    for res in run_distributed(_ulysses_on_rank, 2, args=(list(seqs),)):
+    for res in run_distributed(_ulysses_on_rank, 2, args=(list(seqs),), dist_backend=GROUP):
+        assert res["err"] < 1e-5 and res["collectives"]
+
+
+class _ZeroLseOnEmptyRows:
+    """A kernel that reports LSE 0 (not -inf) on rows with no kept key, as the mem-efficient kernel may."""
+
+    @staticmethod
+    def fn(q, k, v, *, attn_mask=None, is_causal=False, scale=None, return_lse=False):
+        from .fakes.reference import attention64
+
+        out, lse = attention64(q.to("cpu"), k.to("cpu"), v.to("cpu"), scale=scale,
+                               keep=None if attn_mask is None else attn_mask.to("cpu"))
+        lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+        return out.to(q.dtype).to(q.device), lse.float().to(q.device)
+
+
+def _ring_on_rank(rank, world, seqs):
+    from cachedit.parallel.ring import ring_attention
+    from cachedit.testing.conformance import reference_attention
+
+    g = torch.Generator().manual_seed(0)
+    total = sum(seqs)
+    full = [torch.randn(1, 2, total, 8, generator=g) for _ in range(3)]
+    keep = torch.ones(1, 1, 1, total, dtype=torch.bool)
+    keep[..., seqs[0]:] = False  # the last rank's keys are all padding
+    start = sum(seqs[:rank])
+    local = [t[:, :, start:start + seqs[rank]] for t in full]
+    with accelerator() as log:
+        q, k, v = (t.to(DEVICE) for t in local)
+        mask = keep[..., start:start + seqs[rank]].to(DEVICE)
+        out = ring_attention(Communicator(), q, k, v, mask, None, _ZeroLseOnEmptyRows, uneven=len(set(seqs)) > 1)
+        assert out.device == DEVICE
+        out = out.to("cpu")
+    want = reference_attention(*full, attn_mask=keep)[0].float()[:, :, start:start + seqs[rank]]
+    return {"err": (out - want).abs().max().item(), "collectives": log}
+
+
+@pytest.mark.parametrize("seqs", [(6, 6), (7, 5)], ids=["even", "uneven"])
+def test_ring_over_padding_keys_is_exact_whatever_lse_the_kernel_gives_empty_rows(seqs):
+    for res in run_distributed(_ring_on_rank, 2, args=(list(seqs),), dist_backend=GROUP):
         assert res["err"] < 1e-5 and res["collectives"]
