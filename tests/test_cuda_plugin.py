@@ -564,3 +564,78 @@ def test_router_runs_a_real_dit_through_fa3(monkeypatch, backend):
     during = pipe("a photo of a cat", **dict(tiny_call_kwargs("flux"), num_inference_steps=2)).images
     assert router.calls["fa3"] > 0 and set(router.calls) == {"fa3"} and fa3.calls
     assert (during.double() - before.double()).abs().max().item() < 0.05
+
+
+# -- torchao float8: what torchao refuses or skips runs on the plugin's own path, reported -----------------------
+@pytest.fixture
+def torchao_loaded():
+    """torchao imported before `strict_gemms` patches torch._scaled_mm (its import registers ops on it)."""
+    return pytest.importorskip("torchao.quantization")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16], ids=str)
+def test_torchao_fp8_row_serves_every_dtype_and_reports_what_it_runs_itself(torchao_loaded, strict_gemms, dtype):
+    """torchao asserts bfloat16 weights for PerRow (quant_api.py) and leaves layers whose K or N is not a multiple
+    of 16 unquantized without a word; those layers run on the plugin's own _scaled_mm path, and say so."""
+    from cachedit.config import QuantConfig
+    from cachedit.quant.linear import QuantizedLinear, apply_quantization
+
+    scaled_mm, _ = strict_gemms
+    spec = QuantSpec("fp8", "row")
+    path = cuda_quant.path_for(spec, [(9, 0)], use_torchao=True)
+    x, w, b = _linear_case(dtype)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 40)).to(dtype)  # 40: not a multiple
+    with torch.no_grad():
+        model[0].weight.copy_(w), model[0].bias.copy_(b)
+    swapped = apply_quantization(model, QuantConfig(scheme="fp8", granularity="row"), path)
+    own = {name for name, m in model.named_children() if isinstance(m, QuantizedLinear)}
+    assert own == ({"0", "1"} if dtype != torch.bfloat16 else {"1"})
+    assert set(swapped.fallbacks) == own
+    assert "multiple of 16" in swapped.fallbacks["1"]
+    if dtype != torch.bfloat16:
+        assert "bfloat16" in swapped.fallbacks["0"]
+    y = model[0](x)
+    ref = EmulatedLinearPath(spec).linear(x, *ref_quantize(w, "fp8", "row"), b)
+    rel = ((y.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+    assert y.dtype == dtype and rel <= (_tol(dtype, rowwise_fp8=True) if dtype != torch.bfloat16 else 0.03), rel
+    assert model[1](y).shape == (*x.shape[:-1], 40)
+    assert all(call["fast_accum"] is False for call in scaled_mm.calls)
+
+
+def test_fp8_fast_accumulation_is_off_unless_asked(torchao_loaded, strict_gemms, monkeypatch):
+    scaled_mm, _ = strict_gemms
+    x, w, b = _linear_case(torch.bfloat16)
+    for env, want in ((None, False), ("1", True)):
+        if env is not None:
+            monkeypatch.setenv("CACHEDIT_CUDA_FP8_FAST_ACCUM", env)
+        path = cuda_quant.path_for(QuantSpec("fp8", "tensor"), [(9, 0)], use_torchao=False)
+        path.linear(x, *path.quantize_weight(w), b)
+        assert scaled_mm.calls[-1]["fast_accum"] is want
+        assert cuda_ao.config_for(QuantSpec("fp8", "row")).mm_config.use_fast_accum is want
+
+
+def test_torchao_is_imported_only_when_its_path_quantizes():
+    """Listing backends, the kernel report and choosing a quantized path import no torchao (its import prints
+    "Failed to load ... _C_mxfp8" noise on machines without its CUDA extensions)."""
+    pytest.importorskip("torchao")
+    code = """
+        import sys, torch
+        torch.version.cuda = "12.8"
+        torch.cuda.is_available = lambda: True
+        torch.cuda.device_count = lambda: 1
+        torch.cuda.get_device_capability = lambda i=None: (9, 0)
+        import cachedit
+        from cachedit.plugins import manager
+        from cachedit.quant.spec import QuantSpec
+        from cachedit_cuda import plugin
+        cachedit.backends()
+        plugin.kernel_report()
+        path = manager().quantized_linear(manager().backends["cuda"], QuantSpec("fp8", "row"))
+        assert type(path).__name__ == "TorchaoLinearPath", path
+        print("torchao imported:", any(m.split(".")[0] == "torchao" for m in sys.modules))
+    """
+    from .conftest import run_python
+
+    out = run_python(code)
+    assert out.returncode == 0, out.stderr
+    assert "torchao imported: False" in out.stdout

@@ -97,7 +97,8 @@ def strict_scaled_mm(real, capability):
             _check(bias.dtype in (torch.bfloat16, torch.float16),
                    f"Bias must be BFloat16 or Half, but got {bias.dtype}")
             _check(bias.dtype == out, f"Bias must be {out} to compute {out} output, but got {bias.dtype}")
-        scaled_mm.calls.append({"rowwise": not tensorwise, "out_dtype": out, "bias": bias is not None})
+        scaled_mm.calls.append({"rowwise": not tensorwise, "out_dtype": out, "bias": bias is not None,
+                                "fast_accum": use_fast_accum})
         return real(mat1, mat2, scale_a, scale_b, bias=bias, scale_result=scale_result, out_dtype=out_dtype,
                     use_fast_accum=use_fast_accum)
 
