@@ -43,6 +43,7 @@ class Swapped:
     """Where each quantized linear went, to put the originals back."""
 
     places: list[tuple[nn.Module, str, nn.Module | None, torch.device]] = field(default_factory=list)
+    fallbacks: dict[str, str] = field(default_factory=dict)  # linear name -> why the path's own module declined
 
     def check_restorable(self) -> None:
         if any(original is None for _, _, original, _ in self.places):
@@ -63,7 +64,10 @@ def apply_quantization(transformer: nn.Module, config: QuantConfig, path: Quanti
         parent_name, _, attr = name.rpartition(".")
         parent = transformer.get_submodule(parent_name) if parent_name else transformer
         device = linear.weight.device
-        setattr(parent, attr, path.quantize_module(linear) or QuantizedLinear(linear, path))
+        module = path.quantize_module(linear)
+        if module is None and (reason := path.declines(linear)):
+            swapped.fallbacks[name] = reason
+        setattr(parent, attr, module or QuantizedLinear(linear, path))
         keep = linear.to("cpu") if config.keep_original else None
         swapped.places.append((parent, attr, keep, device))
     return swapped
