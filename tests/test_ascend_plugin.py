@@ -308,3 +308,83 @@ def test_router_runs_a_real_dit_through_npu_fusion_attention(npu, monkeypatch, b
     during = pipe("a photo of a cat", **dict(tiny_call_kwargs("flux"), num_inference_steps=2)).images
     assert set(router.calls) == {"npu_fusion_attention"} and fake.calls
     assert (during.double() - before.double()).abs().max().item() < 1e-5
+
+
+# -- hardware readiness: graph mode, pse/scale readings, compact masks, empty rows, device gate ---------------------
+def _offered(backend):
+    kernels = ascend_plugin.cachedit_attention_kernels(backend)
+    assert len(kernels) == 1
+    return kernels[0]
+
+
+def _keep(seed=1):
+    keep = torch.rand(2, 1, 37, 29, generator=torch.Generator().manual_seed(seed)) > 0.3
+    keep[..., 0] = True
+    return keep
+
+
+@pytest.mark.parametrize("pse_before_scale", [True, False], ids=["pse-before-scale", "pse-after-scale"])
+@pytest.mark.parametrize("graph_mode", [False, True], ids=["eager", "graph"])
+def test_float_masks_hold_under_graph_mode_and_either_pse_reading(npu, backend, graph_mode, pse_before_scale):
+    """A float mask reaches the op under the NPU graph backend (torchair's npu_fusion_attention converter drops
+    it) and means the same whether the op adds pse before or after the scale (the docs say both)."""
+    fake = npu(graph_mode=graph_mode, pse_before_scale=pse_before_scale)
+    fn = _offered(backend).fn
+    q, k, v = random_qkv(torch.bfloat16)
+    g = torch.Generator().manual_seed(2)
+    for mask in (torch.randn(2, 1, 37, 29, generator=g).bfloat16(), torch.randn(1, 1, 1, 29, generator=g).bfloat16()):
+        for scale in (None, 0.1):
+            out, lse = fn(q, k, v, attn_mask=mask, scale=scale, return_lse=True)
+            ref, ref_lse = reference_attention(q, k, v, attn_mask=mask, scale=scale)
+            assert max_err(out, ref) <= ATTENTION_ATOL[torch.bfloat16]
+            assert max_err(lse, ref_lse) <= 10 * ATTENTION_ATOL[torch.bfloat16]
+    assert not any(c["dropped"] for c in fake.calls)
+
+
+def test_masks_reach_the_op_in_their_compact_forms(npu, backend):
+    """No B·N·S·S pse and no B·1·S·S mask where the op takes less: a key-padding mask becomes per-batch key
+    lengths, a shared mask stays (Sq, Sk), a bias shared by the batch stays batch 1."""
+    fake = npu()
+    fn = _offered(backend).fn
+    q, k, v = random_qkv(torch.float16)
+    keep = _keep()
+    padding = torch.ones(2, 1, 1, 29, dtype=torch.bool)
+    padding[0, ..., 20:] = False
+    cases = [(padding, dict(mask=None, kv_lens=[20, 29], pse=None)),
+             (keep[:1, :1], dict(mask=(37, 29), pse=None)),
+             (torch.randn(1, 1, 37, 29).half(), dict(mask=None, pse=(1, 4, 37, 29)))]
+    for mask, want in cases:
+        out = fn(q, k, v, attn_mask=mask)
+        assert max_err(out, reference_attention(q, k, v, attn_mask=mask)[0]) <= ATTENTION_ATOL[torch.float16]
+        call = fake.calls[-1]
+        assert {key: call.get(key) for key in want} == want, call
+
+
+def test_rows_with_no_kept_key_give_zero_and_lse_minus_inf(npu, backend):
+    """Row-invalid correction (inner_precise=2) whenever a mask is given; cachedit's output 0 / LSE -inf on such
+    rows whatever the op reports there."""
+    fake = npu()
+    fn = _offered(backend).fn
+    q, k, v = random_qkv(torch.float16)
+    keep = _keep()
+    keep[:, :, :5] = False
+    ref, ref_lse = reference_attention(q, k, v, attn_mask=keep)
+    out, lse = fn(q, k, v, attn_mask=keep, return_lse=True)
+    assert fake.calls[-1]["inner_precise"] == 2
+    assert (out[:, :, :5] == 0).all() and torch.isneginf(lse[:, :, :5]).all()
+    assert max_err(out[:, :, 5:], ref[:, :, 5:]) <= ATTENTION_ATOL[torch.float16]
+    assert max_err(lse[:, :, 5:], ref_lse[:, :, 5:]) <= 10 * ATTENTION_ATOL[torch.float16]
+
+
+@pytest.mark.parametrize("name", ["Ascend910A", "Ascend910ProB", "Ascend310P3", "Ascend310B1", ""])
+def test_devices_outside_atlas_a2_a3_get_no_a2_a3_ops(npu, backend, name):
+    npu(device_name=name)
+    assert ascend_plugin.cachedit_attention_kernels(backend) == []
+    assert ascend_plugin.cachedit_quantized_linear(backend, QuantSpec("int8", "row")) is None
+
+
+@pytest.mark.parametrize("name", ["Ascend910B3", "Ascend910B4", "Ascend910_9392"])
+def test_atlas_a2_a3_devices_get_the_ops(npu, backend, name):
+    npu(device_name=name)
+    assert len(ascend_plugin.cachedit_attention_kernels(backend)) == 1
+    assert ascend_plugin.cachedit_quantized_linear(backend, QuantSpec("int8", "row")) is not None
