@@ -71,10 +71,6 @@ def _ulysses_on_rank(rank, world, seqs):
     return {"err": (out - want).abs().max().item(), "collectives": log}
 
 
-@pytest.mark.parametrize("seqs", [(6, 6), (7, 5)], ids=["even", "uneven"])
-def test_ulysses_collectives_take_device_tensors_only(seqs):
-    for res in run_distributed(_ulysses_on_rank, 2, args=(list(seqs),), dist_backend=GROUP):
-        assert res["err"] < 1e-5 and res["collectives"]
 
 
 class _ZeroLseOnEmptyRows:
@@ -111,16 +107,24 @@ def _ring_on_rank(rank, world, seqs):
     return {"err": (out - want).abs().max().item(), "collectives": log}
 
 
-@pytest.mark.parametrize("seqs", [(6, 6), (7, 5)], ids=["even", "uneven"])
-def test_ring_over_padding_keys_is_exact_whatever_lse_the_kernel_gives_empty_rows(seqs):
-    for res in run_distributed(_ring_on_rank, 2, args=(list(seqs),), dist_backend=GROUP):
-        assert res["err"] < 1e-5 and res["collectives"]
+def _attention_on_rank(rank, world):
+    return {f"{name}-{kind}": fn(rank, world, seqs) for name, fn in (("ulysses", _ulysses_on_rank), ("ring", _ring_on_rank))
+            for kind, seqs in (("even", [6, 6]), ("uneven", [7, 5]))}
+
+
+def test_ulysses_and_ring_exchange_device_tensors_only_and_ring_is_exact_over_padding_keys():
+    """Ulysses and Ring, even and uneven shards, on the stand-in accelerator (Ulysses' uneven lengths were gathered
+    from the host); Ring over padding keys with a kernel that reports LSE 0 on rows with no kept key (the merge
+    shrank the output)."""
+    for res in run_distributed(_attention_on_rank, 2, dist_backend=GROUP):
+        for name, got in res.items():
+            assert got["err"] < 1e-5 and got["collectives"], (name, got)
 
 
 # -- a whole accelerated pipeline on the stand-in accelerator -------------------------------------------------------
 class _PlacementPlugin:
-    """A test-only backend whose device is the stand-in accelerator; kernels and collectives are the core's,
-    quantized linears cpu_ref's emulation (device-agnostic code, so any host/device mix shows)."""
+    """A test-only backend whose device is the stand-in accelerator: cpu_ref's math kernel (with LSE, for Ring) and
+    quantized emulation, the core's collectives (device-agnostic code, so any host/device mix shows)."""
 
     NAME = "placement"
 
@@ -136,6 +140,16 @@ class _PlacementPlugin:
 
         registry.add(Backend(name=_PlacementPlugin.NAME, device_type=DEVICE.type, dist_backend=GROUP, priority=-10,
                              is_available=lambda: (True, ""), description="test-only stand-in accelerator"))
+
+    @hookimpl
+    def cachedit_attention_kernels(self, backend):
+        if not self._mine(backend):
+            return None
+        from cachedit import AttentionKernel
+        from cachedit_cpu_ref.attention import math_attention
+
+        return [AttentionKernel(name="math", fn=math_attention, dtypes=frozenset({torch.float32}), returns_lse=True,
+                                supports_mask=True, supports_causal=True, supports_gqa=True, priority=100)]
 
     @hookimpl
     def cachedit_quantized_linear(self, backend, spec):
@@ -175,3 +189,38 @@ def test_accelerated_pipeline_with_cache_and_quantization_runs_on_the_device(pla
     # Under the harness composite ops reach the CPU decomposed (e.g. linear as t + addmm), which changes last bits;
     # int8 codes flipped by them move the image by ~1e-4 (measured 1.4e-4). Placement errors raise instead.
     assert (got - want).abs().max().item() < 1e-3
+
+
+PARALLEL_MODES = {"cfg": dict(cfg=2), "ulysses_async": dict(ulysses=2, async_ulysses=True), "ring": dict(ring=2),
+                  "tensor": dict(tensor=2), "components": dict(ulysses=2, text_encoder=True, vae=True)}
+
+
+def _parallel_modes_on_rank(rank, world, modes):
+    import cachedit
+    import cachedit.plugins
+    from cachedit.testing.tiny import tiny_call_kwargs, tiny_pipeline
+
+    pm = cachedit.plugins.reload()
+    pm.register(_PlacementPlugin(), _PlacementPlugin.NAME)
+    pm.collect_backends()
+    out = {}
+    for name, parallel in modes.items():
+        pipe = tiny_pipeline("flux")
+        call = lambda: dict(tiny_call_kwargs("flux", num_inference_steps=2))  # noqa: E731
+        want = pipe("a photo of a cat", **call()).images
+        with accelerator() as log:
+            pipe.to(DEVICE)
+            cachedit.accelerate(pipe, device=_PlacementPlugin.NAME, parallel=parallel)
+            got = pipe("a photo of a cat", **call()).images.to("cpu")
+            cachedit.disable(pipe)
+        out[name] = {"err": (got - want).abs().max().item(), "collectives": sorted(set(log))}
+    return out
+
+
+def test_every_parallel_mode_and_the_components_exchange_device_tensors_only():
+    """CFG, Ulysses (async), Ring, tensor parallel, text encoder and VAE parallel on two ranks
+    whose tensors are on the stand-in accelerator: any host tensor in a collective or a device op raises."""
+    for res in run_distributed(_parallel_modes_on_rank, 2, args=(PARALLEL_MODES,), dist_backend=GROUP):
+        for name, got in res.items():
+            assert got["collectives"], name
+            assert got["err"] < 1e-4, (name, got["err"])
