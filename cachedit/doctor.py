@@ -235,7 +235,7 @@ QUESTIONS = {"npu": [("pse_before_or_after_scale", npu_pse_scale_order)],
              "cuda": [("efficient_sdpa_empty_row_lse", cuda_efficient_empty_row_lse)]}
 
 
-# -- the whole run -------------------------------------------------------------------------------------------------------
+# -- the whole run ----------------------------------------------------------------------------------------------------
 def run(fast: bool = False, only: list[str] | None = None, conformance: bool = True) -> dict:
     from .plugins import manager
 
@@ -287,8 +287,8 @@ def table(report: dict) -> str:
             mine = [r for r in result["kernels"] if r["kernel"] == kernel]
             worst = max((r.get("err", math.inf) for r in mine), default=0.0)
             failed = [f"{r['case']}/{r['dtype']}" for r in mine if not r.get("ok")]
-            rows.append([f"{name} attention", kernel, "ok" if not failed else "FAIL",
-                         f"{len(mine)} cases, max err {worst:.2e}" + (f"; failed: {', '.join(failed)}" if failed else "")])
+            detail = f"{len(mine)} cases, max err {worst:.2e}" + (f"; failed: {', '.join(failed)}" if failed else "")
+            rows.append([f"{name} attention", kernel, "ok" if not failed else "FAIL", detail])
         for q in result["quant"]:
             status = "-" if q["ok"] is None else ("ok" if q["ok"] else "FAIL")
             detail = q.get("note") or q.get("error") or (f"rel err {q['rel_err']:.4f}" + (

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from cachedit import hookimpl
 from cachedit.config import QuantConfig
 from cachedit.parallel.communicator import Communicator
 from cachedit.quant.linear import apply_quantization, remove_quantization
@@ -108,7 +109,8 @@ def _ring_on_rank(rank, world, seqs):
 
 
 def _attention_on_rank(rank, world):
-    return {f"{name}-{kind}": fn(rank, world, seqs) for name, fn in (("ulysses", _ulysses_on_rank), ("ring", _ring_on_rank))
+    modes = (("ulysses", _ulysses_on_rank), ("ring", _ring_on_rank))
+    return {f"{name}-{kind}": fn(rank, world, seqs) for name, fn in modes
             for kind, seqs in (("even", [6, 6]), ("uneven", [7, 5]))}
 
 
@@ -131,8 +133,6 @@ class _PlacementPlugin:
     @staticmethod
     def _mine(backend) -> bool:
         return backend.name == _PlacementPlugin.NAME
-
-    from cachedit import hookimpl
 
     @hookimpl
     def cachedit_register_backends(self, registry):

@@ -163,7 +163,8 @@ def _fused_infer_attention(calls, state):
             _check(atten_mask.is_contiguous(), "non-contiguous atten_mask is not supported")
             if sparse_mode in (2, 3, 4):
                 tri = torch.ones(2048, 2048, dtype=torch.bool).triu(1)
-                _check(tuple(atten_mask.shape)[-2:] == (2048, 2048) and torch.equal(atten_mask.bool().reshape(2048, 2048), tri),
+                _check(tuple(atten_mask.shape)[-2:] == (2048, 2048)
+                       and torch.equal(atten_mask.bool().reshape(2048, 2048), tri),
                        f"sparse_mode {sparse_mode} takes the optimised 2048x2048 atten_mask")
                 _check(sparse_mode == 3 and lq <= lk, "fake: sparse_mode 3 with Q_S <= KV_S only")
                 allowed = allowed & ~torch.ones(lq, lk, dtype=torch.bool).triu(lk - lq + 1)

@@ -1,6 +1,6 @@
 """CUDA attention kernels, offered by capability, highest priority first:
 
-    fa3 (400)  >  cudnn_sdpa (300)  >  flash_sdpa (200)  >  [cudnn_sdpa (150)]  >  efficient_sdpa (100)  >  torch_sdpa (-100)
+    fa3 (400) > cudnn_sdpa (300) > flash_sdpa (200) > [cudnn_sdpa (150)] > efficient_sdpa (100) > torch_sdpa (-100)
 
 cuDNN ranks above flash only where torch itself prefers it (cuDNN >= 9.15 on sm90 / sm100, sdp_utils.cpp
 `check_prefer_cudnn_attention`), below it elsewhere. Rows whose mask keeps no key give output 0 and
