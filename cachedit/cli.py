@@ -1,4 +1,4 @@
-"""`cachedit backends | generate | bench | calibrate | conformance | demo`: the command line."""
+"""`cachedit backends | generate | bench | calibrate | conformance | doctor | demo`: the command line."""
 
 from __future__ import annotations
 
@@ -111,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("conformance", help="run the backend conformance suite against installed backends")
     p.add_argument("--backend", action="append", default=[], help="only this backend (repeatable)")
     p.set_defaults(func=cmd_conformance)
+    p = sub.add_parser("doctor", help="check this machine's backends: kernels, quantized paths, timings, JSON out")
+    p.add_argument("--out", default="out/doctor.json", help="write the report as JSON here")
+    p.add_argument("--backend", action="append", default=[], help="only this backend (repeatable)")
+    p.add_argument("--fast", action="store_true", help="tiny shapes and a conformance subset (for tests)")
+    p.add_argument("--no-conformance", action="store_true", help="skip the conformance suite")
+    p.set_defaults(func=lambda a: __import__("cachedit.doctor", fromlist=["main"]).main(a))
     args = parser.parse_args(argv)
     quiet_third_party()
     return args.func(args)

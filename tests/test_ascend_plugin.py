@@ -1,5 +1,5 @@
 """The ascend plugin without an NPU: probes with torch_npu missing / failing / without NPU / present, the
-npu_fusion_attention kernel and the INT8 paths through a fake torch_npu that checks every call against
+npu_fused_infer_attention_score kernel and the INT8 paths through a fake torch_npu that checks every call against
 torch_npu 2.13.0's documentation and computes the documented result in float64, compile options, and
 that neither plugin imports its vendor library at import time.
 
@@ -86,26 +86,28 @@ def test_hooks_answer_nothing_when_unavailable(monkeypatch, backend):
 # -- the fused attention kernel -----------------------------------------------------------------------------------
 def _kernel(backend):
     kernels = ascend_plugin.cachedit_attention_kernels(backend)
-    assert [k.name for k in kernels] == ["npu_fusion_attention"]
+    assert [k.name for k in kernels] == ["npu_fused_infer_attention_score"]
     return kernels[0]
 
 
 def test_kernel_declaration_and_selection(npu, backend):
     npu()
     kernel = _kernel(backend)
-    assert kernel.dtypes == {torch.float16, torch.bfloat16, torch.float32} and kernel.head_dims == (1, 768)
+    assert kernel.dtypes == {torch.float16, torch.bfloat16} and kernel.head_dims == (16, 512)
     assert kernel.returns_lse and kernel.supports_mask and kernel.supports_causal and kernel.supports_gqa
     pool = manager().attention_kernels(backend)
-    assert select_kernel(pool, None, torch.bfloat16, 128, mask=True, need_lse=True).name == "npu_fusion_attention"
+    name = "npu_fused_infer_attention_score"
+    assert select_kernel(pool, None, torch.bfloat16, 128, mask=True, need_lse=True).name == name
     assert select_kernel(pool, None, torch.bfloat16, 1024).name == "torch_sdpa"
+    assert select_kernel(pool, None, torch.float32, 128).name == "torch_sdpa"  # FIA takes no float32
     with pytest.raises(ValueError, match="cannot serve this model: head_dim 1024"):
-        select_kernel(pool, "npu_fusion_attention", torch.bfloat16, 1024)
+        select_kernel(pool, name, torch.bfloat16, 1024)
     npu(device_name="Ascend310P3")
     assert ascend_plugin.cachedit_attention_kernels(backend) == []
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-def test_fusion_attention_matches_float64_reference(npu, backend, dtype):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_infer_attention_matches_float64_reference(npu, backend, dtype):
     fake = npu()
     fn, tol = _kernel(backend).fn, ATTENTION_ATOL[dtype]
     g = torch.Generator().manual_seed(1)
@@ -116,6 +118,7 @@ def test_fusion_attention_matches_float64_reference(npu, backend, dtype):
         ({"kv_heads": 2}, {}),  # GQA
         ({}, {"attn_mask": keep}),  # B1SS
         ({}, {"attn_mask": keep[:1, 0]}),  # SS
+        ({}, {"attn_mask": keep[:, :, :1]}),  # a key mask that is not a prefix: B1SS
         ({}, {"attn_mask": keep[:, :, :1].expand(2, 4, 1, 29)}),  # per head, diffusers' (B, N, 1, Sk)
         ({}, {"attn_mask": torch.zeros(keep.shape).masked_fill(~keep, -1e4).to(dtype)}),  # additive -> pse
         ({}, {"attn_mask": torch.randn(2, 1, 37, 29, generator=g).to(dtype)}),  # a real bias: pse / scale
@@ -134,11 +137,12 @@ def test_fusion_attention_matches_float64_reference(npu, backend, dtype):
     assert layouts == {"BNSD"} and all(isinstance(c["scale"], float) for c in fake.calls)
     modes = [c["sparse_mode"] for c in fake.calls]
     assert modes[-4:] == [3, 3, 0, 0] and fake.calls[-2]["inner_precise"] == 2
-    assert fake.calls[5]["pse"] == (2, 4, 37, 29) and fake.calls[3]["mask"] == (37, 29)
+    assert fake.calls[3]["mask"] == (37, 29) and fake.calls[4]["mask"] == (2, 1, 37, 29)
+    assert fake.calls[5]["pse"] == fake.calls[6]["pse"] == (2, 4, 37, 29)  # per-head and float: pse, B·N·S·S
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-def test_fusion_attention_lse_from_softmax_max_and_sum(npu, backend, dtype):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_infer_attention_lse(npu, backend, dtype):
     npu()
     fn = _kernel(backend).fn
     for kv_heads, causal, sq in ((4, False, 37), (2, False, 37), (4, True, 29)):
@@ -288,14 +292,14 @@ def test_plugins_import_no_vendor_library_and_cli_lists_reasons():
     assert rows["cpu_ref"].split()[2] == "yes"
 
 
-def test_router_runs_a_real_dit_through_npu_fusion_attention(npu, monkeypatch, backend):
-    """The tiny FLUX pipeline with its transformer's SDPA calls routed by the core's AttentionRouter to
-    npu_fusion_attention (fake torch_npu, float32), against the same pipeline on torch's CPU SDPA."""
+def test_router_runs_a_real_dit_through_npu_fused_infer_attention_score(npu, monkeypatch, backend):
+    """The tiny FLUX pipeline (bfloat16) with its transformer's SDPA calls routed by the core's AttentionRouter to
+    npu_fused_infer_attention_score (fake torch_npu), against the same pipeline on torch's CPU SDPA."""
     from cachedit.attention import AttentionRouter
     from cachedit.testing.tiny import tiny_call_kwargs, tiny_pipeline
 
     fake = npu()
-    pipe = tiny_pipeline("flux")
+    pipe = tiny_pipeline("flux", dtype=torch.bfloat16)
     before = pipe("a photo of a cat", **dict(tiny_call_kwargs("flux"), num_inference_steps=2)).images
     router = AttentionRouter(manager().attention_kernels(backend))
     forward = pipe.transformer.forward
@@ -306,5 +310,85 @@ def test_router_runs_a_real_dit_through_npu_fusion_attention(npu, monkeypatch, b
 
     monkeypatch.setattr(pipe.transformer, "forward", routed)
     during = pipe("a photo of a cat", **dict(tiny_call_kwargs("flux"), num_inference_steps=2)).images
-    assert set(router.calls) == {"npu_fusion_attention"} and fake.calls
-    assert (during.double() - before.double()).abs().max().item() < 1e-5
+    assert set(router.calls) == {"npu_fused_infer_attention_score"} and fake.calls
+    assert (during.double() - before.double()).abs().max().item() < 2e-2  # bfloat16 kernels, two orders
+
+
+# -- hardware readiness: graph mode, pse/scale readings, compact masks, empty rows, device gate ---------------------
+def _offered(backend):
+    kernels = ascend_plugin.cachedit_attention_kernels(backend)
+    assert len(kernels) == 1
+    return kernels[0]
+
+
+def _keep(seed=1):
+    keep = torch.rand(2, 1, 37, 29, generator=torch.Generator().manual_seed(seed)) > 0.3
+    keep[..., 0] = True
+    return keep
+
+
+@pytest.mark.parametrize("pse_before_scale", [True, False], ids=["pse-before-scale", "pse-after-scale"])
+@pytest.mark.parametrize("graph_mode", [False, True], ids=["eager", "graph"])
+def test_float_masks_hold_under_graph_mode_and_either_pse_reading(npu, backend, graph_mode, pse_before_scale):
+    """A float mask reaches the op under the NPU graph backend (torchair's npu_fusion_attention converter drops
+    it) and means the same whether the op adds pse before or after the scale (the docs say both)."""
+    fake = npu(graph_mode=graph_mode, pse_before_scale=pse_before_scale)
+    fn = _offered(backend).fn
+    q, k, v = random_qkv(torch.bfloat16)
+    g = torch.Generator().manual_seed(2)
+    for mask in (torch.randn(2, 1, 37, 29, generator=g).bfloat16(), torch.randn(1, 1, 1, 29, generator=g).bfloat16()):
+        for scale in (None, 0.1):
+            out, lse = fn(q, k, v, attn_mask=mask, scale=scale, return_lse=True)
+            ref, ref_lse = reference_attention(q, k, v, attn_mask=mask, scale=scale)
+            assert max_err(out, ref) <= ATTENTION_ATOL[torch.bfloat16]
+            assert max_err(lse, ref_lse) <= 10 * ATTENTION_ATOL[torch.bfloat16]
+    assert not any(c["dropped"] for c in fake.calls)
+
+
+def test_masks_reach_the_op_in_their_compact_forms(npu, backend):
+    """No B·N·S·S pse and no B·1·S·S mask where the op takes less: a key-padding mask becomes per-batch key
+    lengths, a shared mask stays (Sq, Sk), a bias shared by the batch stays batch 1."""
+    fake = npu()
+    fn = _offered(backend).fn
+    q, k, v = random_qkv(torch.float16)
+    keep = _keep()
+    padding = torch.ones(2, 1, 1, 29, dtype=torch.bool)
+    padding[0, ..., 20:] = False
+    cases = [(padding, dict(mask=None, kv_lens=[20, 29], pse=None)),
+             (keep[:1, :1], dict(mask=(37, 29), pse=None)),
+             (torch.randn(1, 1, 37, 29).half(), dict(mask=None, pse=(1, 4, 37, 29)))]
+    for mask, want in cases:
+        out = fn(q, k, v, attn_mask=mask)
+        assert max_err(out, reference_attention(q, k, v, attn_mask=mask)[0]) <= ATTENTION_ATOL[torch.float16]
+        call = fake.calls[-1]
+        assert {key: call.get(key) for key in want} == want, call
+
+
+def test_rows_with_no_kept_key_give_zero_and_lse_minus_inf(npu, backend):
+    """Row-invalid correction (inner_precise=2) whenever a mask is given; cachedit's output 0 / LSE -inf on such
+    rows whatever the op reports there."""
+    fake = npu()
+    fn = _offered(backend).fn
+    q, k, v = random_qkv(torch.float16)
+    keep = _keep()
+    keep[:, :, :5] = False
+    ref, ref_lse = reference_attention(q, k, v, attn_mask=keep)
+    out, lse = fn(q, k, v, attn_mask=keep, return_lse=True)
+    assert fake.calls[-1]["inner_precise"] == 2
+    assert (out[:, :, :5] == 0).all() and torch.isneginf(lse[:, :, :5]).all()
+    assert max_err(out[:, :, 5:], ref[:, :, 5:]) <= ATTENTION_ATOL[torch.float16]
+    assert max_err(lse[:, :, 5:], ref_lse[:, :, 5:]) <= 10 * ATTENTION_ATOL[torch.float16]
+
+
+@pytest.mark.parametrize("name", ["Ascend910A", "Ascend910ProB", "Ascend310P3", "Ascend310B1", ""])
+def test_devices_outside_atlas_a2_a3_get_no_a2_a3_ops(npu, backend, name):
+    npu(device_name=name)
+    assert ascend_plugin.cachedit_attention_kernels(backend) == []
+    assert ascend_plugin.cachedit_quantized_linear(backend, QuantSpec("int8", "row")) is None
+
+
+@pytest.mark.parametrize("name", ["Ascend910B3", "Ascend910B4", "Ascend910_9392"])
+def test_atlas_a2_a3_devices_get_the_ops(npu, backend, name):
+    npu(device_name=name)
+    assert len(ascend_plugin.cachedit_attention_kernels(backend)) == 1
+    assert ascend_plugin.cachedit_quantized_linear(backend, QuantSpec("int8", "row")) is not None

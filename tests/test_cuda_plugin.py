@@ -92,7 +92,7 @@ def test_no_kernels_offered_when_unavailable(backend):
 
 # -- kernel choice by capability -------------------------------------------------------------------------------
 def test_hopper_offers_all_kernels_in_priority_order(gpu, backend):
-    gpu(capabilities=((9, 0),))
+    gpu(capabilities=((9, 0),), cudnn=91500)
     kernels = manager().attention_kernels(backend)
     names = [k.name for k in sorted(kernels, key=lambda k: -k.priority)]
     assert names == ["fa3", "cudnn_sdpa", "flash_sdpa", "efficient_sdpa", "torch_sdpa"]
@@ -113,7 +113,8 @@ def test_ampere_has_no_fa3_and_names_why(gpu, backend):
     gpu(capabilities=((8, 0),))
     kernels = manager().attention_kernels(backend)
     assert "fa3" not in {k.name for k in kernels}
-    assert select_kernel(kernels, None, torch.bfloat16, 128).name == "cudnn_sdpa"
+    assert select_kernel(kernels, None, torch.bfloat16, 128).name == "flash_sdpa"
+    assert select_kernel(kernels, None, torch.bfloat16, 128, mask=True).name == "cudnn_sdpa"
     with pytest.raises(ValueError, match="attention='fa3' is not a kernel of this backend"):
         select_kernel(kernels, "fa3", torch.bfloat16, 128)
     assert "9.x only" in cuda_plugin.kernel_report()["skipped_kernels"]["fa3"]
@@ -214,6 +215,42 @@ def test_fa3_lse_of_rows_with_nothing_to_attend_is_minus_inf(gpu):
     out, lse = _kernel("fa3").fn(q, k, v, is_causal=True, return_lse=True)
     assert torch.isneginf(lse[..., :16]).all() and torch.isfinite(lse[..., 16:]).all()
     assert (out[..., :16, :] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["cudnn_sdpa", "efficient_sdpa"])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float16], ids=["bool", "float"])
+def test_rows_with_no_kept_key_give_zero_and_lse_minus_inf(gpu, name, mask_dtype):
+    """Fully masked rows (Ring attention over padding keys): cuDNN gets -65504 where torch gives it -65504 (the
+    fake rejects -inf), the mem-efficient kernel may report LSE 0 there (the fake does); cachedit's convention
+    is output 0 and LSE -inf on such rows, whatever the kernel does."""
+    gpu(capabilities=((9, 0),))
+    kernel = _kernel(name)
+    q, k, v = random_qkv(torch.float16)
+    keep = torch.rand(2, 1, 37, 29, generator=torch.Generator().manual_seed(1)) > 0.3
+    keep[..., 0] = True
+    keep[:, :, :5] = False  # five rows with nothing to attend to
+    mask = keep if mask_dtype == torch.bool else torch.zeros(keep.shape).masked_fill(~keep, float("-inf")).half()
+    ref, ref_lse = reference_attention(q, k, v, attn_mask=keep)
+    for out, lse in (kernel.fn(q, k, v, attn_mask=mask, return_lse=True), (kernel.fn(q, k, v, attn_mask=mask), None)):
+        assert (out[:, :, :5] == 0).all()
+        assert max_err(out[:, :, 5:], ref[:, :, 5:]) <= ATTENTION_ATOL[torch.float16]
+        if lse is not None:
+            assert torch.isneginf(lse[:, :, :5]).all()
+            assert max_err(lse[:, :, 5:], ref_lse[:, :, 5:]) <= 4e-2
+
+
+def test_cudnn_ranks_above_flash_only_where_torch_prefers_it(gpu):
+    """torch's sdp_utils (check_prefer_cudnn_attention) puts cuDNN first only from cuDNN 9.15 on sm90 / sm100;
+    elsewhere it ranks below flash (and still above the mem-efficient kernel)."""
+    def order(caps, cudnn):
+        gpu(capabilities=caps, cudnn=cudnn)
+        kernels = cuda_attention.offered_kernels(list(caps))[0]
+        return [k.name for k in sorted(kernels, key=lambda k: -k.priority) if k.name != "fa3"]
+
+    assert order(((9, 0),), 91500) == ["cudnn_sdpa", "flash_sdpa", "efficient_sdpa"]
+    assert order(((9, 0),), 91002) == ["flash_sdpa", "cudnn_sdpa", "efficient_sdpa"]
+    assert order(((8, 0),), 91500) == ["flash_sdpa", "cudnn_sdpa", "efficient_sdpa"]
+    assert order(((9, 0),), 90000) == ["flash_sdpa", "cudnn_sdpa", "efficient_sdpa"]
 
 
 def test_fa3_works_with_releases_returning_lse_always(gpu):
@@ -527,3 +564,78 @@ def test_router_runs_a_real_dit_through_fa3(monkeypatch, backend):
     during = pipe("a photo of a cat", **dict(tiny_call_kwargs("flux"), num_inference_steps=2)).images
     assert router.calls["fa3"] > 0 and set(router.calls) == {"fa3"} and fa3.calls
     assert (during.double() - before.double()).abs().max().item() < 0.05
+
+
+# -- torchao float8: what torchao refuses or skips runs on the plugin's own path, reported -----------------------
+@pytest.fixture
+def torchao_loaded():
+    """torchao imported before `strict_gemms` patches torch._scaled_mm (its import registers ops on it)."""
+    return pytest.importorskip("torchao.quantization")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16], ids=str)
+def test_torchao_fp8_row_serves_every_dtype_and_reports_what_it_runs_itself(torchao_loaded, strict_gemms, dtype):
+    """torchao asserts bfloat16 weights for PerRow (quant_api.py) and leaves layers whose K or N is not a multiple
+    of 16 unquantized without a word; those layers run on the plugin's own _scaled_mm path, and say so."""
+    from cachedit.config import QuantConfig
+    from cachedit.quant.linear import QuantizedLinear, apply_quantization
+
+    scaled_mm, _ = strict_gemms
+    spec = QuantSpec("fp8", "row")
+    path = cuda_quant.path_for(spec, [(9, 0)], use_torchao=True)
+    x, w, b = _linear_case(dtype)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 40)).to(dtype)  # 40: not a multiple
+    with torch.no_grad():
+        model[0].weight.copy_(w), model[0].bias.copy_(b)
+    swapped = apply_quantization(model, QuantConfig(scheme="fp8", granularity="row"), path)
+    own = {name for name, m in model.named_children() if isinstance(m, QuantizedLinear)}
+    assert own == ({"0", "1"} if dtype != torch.bfloat16 else {"1"})
+    assert set(swapped.fallbacks) == own
+    assert "multiple of 16" in swapped.fallbacks["1"]
+    if dtype != torch.bfloat16:
+        assert "bfloat16" in swapped.fallbacks["0"]
+    y = model[0](x)
+    ref = EmulatedLinearPath(spec).linear(x, *ref_quantize(w, "fp8", "row"), b)
+    rel = ((y.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+    assert y.dtype == dtype and rel <= (_tol(dtype, rowwise_fp8=True) if dtype != torch.bfloat16 else 0.03), rel
+    assert model[1](y).shape == (*x.shape[:-1], 40)
+    assert all(call["fast_accum"] is False for call in scaled_mm.calls)
+
+
+def test_fp8_fast_accumulation_is_off_unless_asked(torchao_loaded, strict_gemms, monkeypatch):
+    scaled_mm, _ = strict_gemms
+    x, w, b = _linear_case(torch.bfloat16)
+    for env, want in ((None, False), ("1", True)):
+        if env is not None:
+            monkeypatch.setenv("CACHEDIT_CUDA_FP8_FAST_ACCUM", env)
+        path = cuda_quant.path_for(QuantSpec("fp8", "tensor"), [(9, 0)], use_torchao=False)
+        path.linear(x, *path.quantize_weight(w), b)
+        assert scaled_mm.calls[-1]["fast_accum"] is want
+        assert cuda_ao.config_for(QuantSpec("fp8", "row")).mm_config.use_fast_accum is want
+
+
+def test_torchao_is_imported_only_when_its_path_quantizes():
+    """Listing backends, the kernel report and choosing a quantized path import no torchao (its import prints
+    "Failed to load ... _C_mxfp8" noise on machines without its CUDA extensions)."""
+    pytest.importorskip("torchao")
+    code = """
+        import sys, torch
+        torch.version.cuda = "12.8"
+        torch.cuda.is_available = lambda: True
+        torch.cuda.device_count = lambda: 1
+        torch.cuda.get_device_capability = lambda i=None: (9, 0)
+        import cachedit
+        from cachedit.plugins import manager
+        from cachedit.quant.spec import QuantSpec
+        from cachedit_cuda import plugin
+        cachedit.backends()
+        plugin.kernel_report()
+        path = manager().quantized_linear(manager().backends["cuda"], QuantSpec("fp8", "row"))
+        assert type(path).__name__ == "TorchaoLinearPath", path
+        print("torchao imported:", any(m.split(".")[0] == "torchao" for m in sys.modules))
+    """
+    from .conftest import run_python
+
+    out = run_python(code)
+    assert out.returncode == 0, out.stderr
+    assert "torchao imported: False" in out.stdout

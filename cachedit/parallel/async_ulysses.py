@@ -37,11 +37,11 @@ HOOK_NAME = "cachedit.cp.async"
 class _Exchanges:
     """One attention call's all-to-alls, posted one tensor at a time, then attended and sent back."""
 
-    def __init__(self, cp, seq: int, mask: torch.Tensor | None) -> None:
+    def __init__(self, cp, seq: int, mask: torch.Tensor | None, device: torch.device) -> None:
         self.cp, self.comm = cp, cp.ulysses
         world = self.comm.world_size
         # Lengths are needed to post, so they are learnt first (one small all-gather, uneven calls only).
-        self.lens = gather_lengths(self.comm, seq)[0] if cp.state.uneven else [seq] * world
+        self.lens = gather_lengths(self.comm, seq, device=device)[0] if cp.state.uneven else [seq] * world
         self.mask = mask
         self.posted: dict[str, _Exchange] = {}
 
@@ -88,9 +88,9 @@ class _AsyncProcessor:
         self.cp = cp
         self.served = 0  # calls served with the overlap (the original's calls are not counted)
 
-    def start(self, seq: int, mask: torch.Tensor | None = None) -> _Exchanges:
+    def start(self, seq: int, mask: torch.Tensor | None, device: torch.device) -> _Exchanges:
         self.served += 1
-        return _Exchanges(self.cp, seq, mask)
+        return _Exchanges(self.cp, seq, mask, device)
 
 
 class FluxAsyncProcessor(_AsyncProcessor):
@@ -101,7 +101,7 @@ class FluxAsyncProcessor(_AsyncProcessor):
         txt_len = encoder_hidden_states.shape[1] if joint else 0
         if attention_mask is not None and attention_mask.ndim == 2:
             attention_mask = attention_mask[:, None, None, :]
-        ex = self.start(txt_len + hidden_states.shape[1], attention_mask)
+        ex = self.start(txt_len + hidden_states.shape[1], attention_mask, hidden_states.device)
         own = _fused(attn.to_qkv, hidden_states) if attn.fused_projections else None
         added = _fused(attn.to_added_qkv, encoder_hidden_states) if attn.fused_projections and joint else None
 
@@ -148,7 +148,7 @@ class QwenImageAsyncProcessor(_AsyncProcessor):
             image = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
             mask = torch.cat([encoder_hidden_states_mask, image], dim=1)[:, None, None, :]
         txt_len = encoder_hidden_states.shape[1]
-        ex = self.start(txt_len + hidden_states.shape[1], mask)
+        ex = self.start(txt_len + hidden_states.shape[1], mask, hidden_states.device)
         head_dim = attn.inner_dim // attn.heads
 
         def project(kind):  # "v": projections only; "k", "q": projections, norms, rotary
@@ -188,7 +188,7 @@ class WanAsyncProcessor(_AsyncProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         if encoder_hidden_states is not None or attn.add_k_proj is not None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        ex = self.start(hidden_states.shape[1], attention_mask)
+        ex = self.start(hidden_states.shape[1], attention_mask, hidden_states.device)
         fused = _fused(attn.to_qkv, hidden_states) if attn.fused_projections else None
 
         def project(kind):  # "v": projection only; "k", "q": projection, norm (across heads), rotary
@@ -217,7 +217,7 @@ class ZImageAsyncProcessor(_AsyncProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
         if attention_mask is not None and attention_mask.ndim == 2:
             attention_mask = attention_mask[:, None, None, :]
-        ex = self.start(hidden_states.shape[1], attention_mask)
+        ex = self.start(hidden_states.shape[1], attention_mask, hidden_states.device)
 
         def project(kind):  # "v": projection only; "k", "q": projection, norm, rotary
             x = getattr(attn, f"to_{kind}")(hidden_states).unflatten(-1, (attn.heads, -1))

@@ -9,7 +9,8 @@ partial softmaxes merge exactly:
 
 The kernel must declare `returns_lse`. K and V travel as one tensor (concatenated on head_dim).
 Shards of unequal length are fine: each rank learns the block lengths once per call. Key masks
-(broadcast over queries) are gathered once and cut per block.
+(broadcast over queries) are gathered once and cut per block; a block whose mask keeps no key for a
+row gets LSE -inf on that row before merging, whatever the kernel reported there.
 """
 
 from __future__ import annotations
@@ -32,11 +33,19 @@ def merge(out: torch.Tensor | None, lse: torch.Tensor | None, block_out: torch.T
     return out * w_old + block_out * w_new, new
 
 
+def _no_key_is_minus_inf(lse: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """LSE -inf on the rows whose block mask keeps no key: kernels differ there (the mem-efficient one may
+    report 0), and a finite LSE would give the block's zero output a weight in the merge."""
+    mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    empty = ~mask.any(-1) if mask.dtype == torch.bool else torch.isneginf(mask).all(-1)
+    return lse.masked_fill(empty, float("-inf"))
+
+
 def ring_attention(comm: Communicator, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    mask: torch.Tensor | None, scale: float | None, kernel, *, uneven: bool) -> torch.Tensor:
     """Attention of this rank's queries over the keys of every rank of `comm`."""
     world, rank = comm.world_size, comm.rank
-    lens = gather_lengths(comm, key.shape[SEQ])[0] if uneven else [key.shape[SEQ]] * world
+    lens = gather_lengths(comm, key.shape[SEQ], device=key.device)[0] if uneven else [key.shape[SEQ]] * world
     masks = None
     if mask is not None:
         wire = mask.to(torch.uint8) if mask.dtype == torch.bool else mask
@@ -52,9 +61,11 @@ def ring_attention(comm: Communicator, query: torch.Tensor, key: torch.Tensor, v
             shape = list(kv.shape)
             shape[SEQ] = lens[(owner - 1) % world]
             pending = comm.send_recv_ring(kv, recv_shape=tuple(shape), async_op=True)
-        block_out, block_lse = kernel.fn(query, kv[..., :d_k], kv[..., d_k:],
-                                         attn_mask=None if masks is None else masks[owner],
+        block_mask = None if masks is None else masks[owner]
+        block_out, block_lse = kernel.fn(query, kv[..., :d_k], kv[..., d_k:], attn_mask=block_mask,
                                          is_causal=False, scale=scale, return_lse=True)
+        if block_mask is not None:
+            block_lse = _no_key_is_minus_inf(block_lse, block_mask)
         out, lse = merge(out, lse, block_out, block_lse)
         if pending is not None:
             kv = pending.wait()

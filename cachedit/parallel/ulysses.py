@@ -30,9 +30,10 @@ def split_sizes(n: int, parts: int) -> list[int]:
     return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
 
 
-def gather_lengths(comm: Communicator, *lengths: int) -> list[list[int]]:
-    """Every rank's `lengths`, one list per length (one small all-gather)."""
-    got = comm.all_gather(torch.tensor([list(lengths)], dtype=torch.int64))
+def gather_lengths(comm: Communicator, *lengths: int, device: torch.device) -> list[list[int]]:
+    """Every rank's `lengths`, one list per length (one small all-gather, on `device`: the device of the
+    tensors the group exchanges, since NCCL / HCCL take no host tensors)."""
+    got = comm.all_gather(torch.tensor([list(lengths)], dtype=torch.int64, device=device))
     return [got[:, i].tolist() for i in range(len(lengths))]
 
 
@@ -71,7 +72,7 @@ def ulysses_attention(comm: Communicator, query: torch.Tensor, key: torch.Tensor
     world = comm.world_size
     heads, kv_heads = query.shape[HEADS], key.shape[HEADS]
     if uneven:
-        q_lens, k_lens = gather_lengths(comm, query.shape[SEQ], key.shape[SEQ])
+        q_lens, k_lens = gather_lengths(comm, query.shape[SEQ], key.shape[SEQ], device=query.device)
     else:
         q_lens, k_lens = [query.shape[SEQ]] * world, [key.shape[SEQ]] * world
     q_heads = split_sizes(heads, world)

@@ -25,7 +25,9 @@ class QuantizedLinear(nn.Module):
         qweight, scale = path.quantize_weight(linear.weight.detach())
         self.register_buffer("qweight", qweight)
         self.register_buffer("w_scale", scale)
-        self.bias = linear.bias
+        # Its own bias: the original (with its bias) goes to the host when kept for `disable()`.
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
+                                                                  requires_grad=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.path = path
 
@@ -41,6 +43,7 @@ class Swapped:
     """Where each quantized linear went, to put the originals back."""
 
     places: list[tuple[nn.Module, str, nn.Module | None, torch.device]] = field(default_factory=list)
+    fallbacks: dict[str, str] = field(default_factory=dict)  # linear name -> why the path's own module declined
 
     def check_restorable(self) -> None:
         if any(original is None for _, _, original, _ in self.places):
@@ -61,7 +64,10 @@ def apply_quantization(transformer: nn.Module, config: QuantConfig, path: Quanti
         parent_name, _, attr = name.rpartition(".")
         parent = transformer.get_submodule(parent_name) if parent_name else transformer
         device = linear.weight.device
-        setattr(parent, attr, path.quantize_module(linear) or QuantizedLinear(linear, path))
+        module = path.quantize_module(linear)
+        if module is None and (reason := path.declines(linear)):
+            swapped.fallbacks[name] = reason
+        setattr(parent, attr, module or QuantizedLinear(linear, path))
         keep = linear.to("cpu") if config.keep_original else None
         swapped.places.append((parent, attr, keep, device))
     return swapped

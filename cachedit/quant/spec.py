@@ -49,3 +49,9 @@ class QuantizedLinearPath:
         """Optional: a whole replacement module for `linear` (e.g. a library's own quantized linear),
         which must not modify `linear`; None (the default) means `quantize_weight` + `linear`."""
         return None
+
+    def declines(self, linear) -> str:
+        """Why `quantize_module` gives no module for this `linear` although it does for others ("" when it
+        does, or never does); such a layer runs through `quantize_weight` + `linear`, and `summary()`
+        lists it with this reason."""
+        return ""

@@ -119,6 +119,29 @@ def test_attention_lse(cachedit_backend):
             assert (out.double().cpu() - ref.cpu()).abs().max().item() <= ATTENTION_ATOL[dtype]
 
 
+def test_attention_rows_with_no_kept_key(cachedit_backend):
+    """A row whose mask keeps no key (Ring attention over padding keys, uneven shards) gives output 0 and, from
+    kernels returning the LSE, LSE -inf: a finite LSE there would weigh a zero block into the Ring merge."""
+    device = _device(cachedit_backend)
+    for kernel in _kernels(cachedit_backend):
+        if not kernel.supports_mask:
+            continue
+        for dtype in _cases(kernel):
+            q, k, v = _qkv(dtype, device)
+            keep = torch.rand(2, 1, 37, 29, generator=torch.Generator().manual_seed(1)) > 0.3
+            keep[..., 0] = True
+            keep[:, :, :5] = False
+            ref = reference_attention(q, k, v, attn_mask=keep.to(device))[0].cpu()
+            for mask in (keep.to(device), torch.zeros(keep.shape).masked_fill(~keep, float("-inf")).to(device, dtype)):
+                result = kernel.fn(q, k, v, attn_mask=mask, return_lse=kernel.returns_lse)
+                out = (result[0] if kernel.returns_lse else result).double().cpu()
+                assert (out[:, :, :5] == 0).all(), f"{kernel.name} {dtype} {mask.dtype}: rows with no key must be 0"
+                err = (out[:, :, 5:] - ref[:, :, 5:]).abs().max().item()
+                assert err <= ATTENTION_ATOL[dtype], f"{kernel.name} {dtype} {mask.dtype}: {err}"
+                if kernel.returns_lse:
+                    assert torch.isneginf(result[1][:, :, :5].cpu()).all(), f"{kernel.name}: LSE must be -inf there"
+
+
 def test_attention_declarations_are_enforced(cachedit_backend):
     for kernel in _kernels(cachedit_backend):
         assert kernel.unsupported(torch.int32, 64), f"{kernel.name} claims to serve int32 attention"

@@ -14,7 +14,14 @@ against reference math:
   (ScaledBlas.cpp) and torch._int_mm (Blas.cpp) in front of the real CPU ops.
 - `flash_attn.make_flash_attn_interface`: FlashAttention-3's `flash_attn_interface` module
   (hopper/flash_attn_interface.py signature, hopper/flash_api.cpp checks).
-- `torch_npu.make_torch_npu`: torch_npu 2.13.0's npu namespace, npu_fusion_attention,
-  npu_dynamic_quant, npu_quant_matmul, npu_weight_quant_batchmatmul (torch_npu/_op_plugin_docs.py
-  and torch_npu/op_plugin/meta/_meta_registrations.py of the 2.13.0 wheel).
+- `torch_npu.make_torch_npu`: torch_npu 2.13.0's npu namespace, npu_fusion_attention (dropping its pse
+  under graph mode, as torchair's converter does), npu_fused_infer_attention_score, npu_dynamic_quant,
+  npu_quant_matmul, npu_weight_quant_batchmatmul (torch_npu/_op_plugin_docs.py and
+  torch_npu/op_plugin/meta/_meta_registrations.py of the 2.13.0 wheel), with either reading of the
+  docs' pse/scale order.
+- `accelerator.accelerator`: a stand-in accelerator (the `meta` device holding real CPU data) on which
+  any host/device mix in an op, and any host tensor in a collective, raises `PlacementError`.
+
+The torchao fake is torchao itself (0.18, a test dependency): under `FakeCuda` its float8 configs run on
+CPU tensors and assert what they assert on a GPU (bfloat16 weights for PerRow).
 """

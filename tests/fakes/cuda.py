@@ -15,6 +15,9 @@ from torch.nn.attention import SDPBackend
 from .reference import attention64
 
 
+CUDNN_MASKED = -65504.0  # what torch's SDPA gives cuDNN for masked-out positions instead of -inf
+
+
 class VendorError(RuntimeError):
     """What the real library raises (torch's TORCH_CHECK surfaces as RuntimeError)."""
 
@@ -94,7 +97,8 @@ def strict_scaled_mm(real, capability):
             _check(bias.dtype in (torch.bfloat16, torch.float16),
                    f"Bias must be BFloat16 or Half, but got {bias.dtype}")
             _check(bias.dtype == out, f"Bias must be {out} to compute {out} output, but got {bias.dtype}")
-        scaled_mm.calls.append({"rowwise": not tensorwise, "out_dtype": out, "bias": bias is not None})
+        scaled_mm.calls.append({"rowwise": not tensorwise, "out_dtype": out, "bias": bias is not None,
+                                "fast_accum": use_fast_accum})
         return real(mat1, mat2, scale_a, scale_b, bias=bias, scale_result=scale_result, out_dtype=out_dtype,
                     use_fast_accum=use_fast_accum)
 
@@ -196,6 +200,10 @@ class FakeTorchSDPA:
         keep = bias = None
         if attn_mask is not None:
             keep, bias = (attn_mask, None) if attn_mask.dtype == torch.bool else (None, attn_mask)
+            if backend == SDPBackend.CUDNN_ATTENTION:
+                self._check_cudnn_bias(bias)
+                if keep is not None:  # torch hands cuDNN a bool mask as a -65504 bias (sdp_utils / attention.cu)
+                    keep, bias = None, torch.zeros(keep.shape, dtype=query.dtype).masked_fill(~keep, CUDNN_MASKED)
         out, _ = attention64(query, key, value, scale=scale, keep=keep, bias=bias,
                              causal="top_left" if is_causal else None)
         return out.to(query.dtype)
@@ -224,9 +232,16 @@ class FakeTorchSDPA:
         b, h, lq, _ = query.shape
         return (out, lse, None, None, lq, key.shape[2], torch.empty(2), torch.empty(()), torch.empty(0))
 
+    @staticmethod
+    def _check_cudnn_bias(bias):
+        _check(bias is None or not torch.isneginf(bias).any(),
+               f"fake cuDNN: -inf in the attention bias (torch itself gives cuDNN {CUDNN_MASKED} to avoid a cuDNN "
+               "issue with -inf)")
+
     def cudnn_op(self, query, key, value, attn_bias, compute_log_sumexp, dropout_p=0.0, is_causal=False,
                  return_debug_mask=False, *, scale=None):
         bias = self._check_bias(attn_bias, query, key, 1)
+        self._check_cudnn_bias(bias)
         out, lse = self._aten(SDPBackend.CUDNN_ATTENTION, query, key, value, bias, dropout_p, is_causal, scale)
         lse = lse.unsqueeze(-1) if compute_log_sumexp else torch.empty(0)
         return (out, lse, None, None, query.shape[2], key.shape[2], torch.empty(()), torch.empty(()), None)
@@ -235,6 +250,9 @@ class FakeTorchSDPA:
                      scale=None):
         bias = self._check_bias(attn_bias, query, key, 8)
         out, lse = self._aten(SDPBackend.EFFICIENT_ATTENTION, query, key, value, bias, dropout_p, is_causal, scale)
+        # Rows with no key to attend to: the kernel's LSE there is not documented; the fake reports 0 (the reading
+        # under which a Ring merge silently shrinks the output), not -inf.
+        lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
         if compute_log_sumexp:  # padded to a multiple of 32 along seq_q; the padding is garbage
             b, h, lq = lse.shape
             padded = torch.full((b, h, math.ceil(lq / 32) * 32), float("nan"))

@@ -5,6 +5,11 @@ torch_npu/op_plugin/meta/_meta_registrations.py of torch_npu-2.13.0 (read out of
 vendored); results are computed on the CPU in float64 the way Huawei's own benchmark reference
 (msprobe's npu_fusion_attention bench function) computes them: scores = (q k^T + pse) * scale, then
 the mask, softmax_max / softmax_sum of the scaled scores, broadcast 8 wide.
+
+Strict on the points that bit: under `graph_mode` npu_fusion_attention drops its pse (torchair's converter
+passes real_shift=None) and records the drop; `pse_before_scale` picks one of the two readings of the docs;
+npu_fused_infer_attention_score without inner_precise 2/3 gives garbage on rows with no kept key and
+reports LSE 0 there, and accepts only the mask / pse shapes its docs list.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from .reference import attention64
 _LAYOUTS = ("BSH", "SBH", "BSND", "BNSD", "TND")
 
 
-def _fusion_attention(calls):
+def _fusion_attention(calls, state):
     def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, padding_mask=None, atten_mask=None,
                              scale=1., keep_prob=1., pre_tockens=2147483647, next_tockens=2147483647, inner_precise=0,
                              prefix=None, actual_seq_qlen=None, actual_seq_kvlen=None, sparse_mode=0,
@@ -49,12 +54,18 @@ def _fusion_attention(calls):
         _check(prefix is None and actual_seq_qlen is None and actual_seq_kvlen is None and softmax_layout == "",
                "fake: prefix / varlen arguments are not modelled")
         _check(sparse_mode in range(0, 7), f"sparse_mode {sparse_mode}: BNSD supports 0..6")
-        pre_bias = None
+        pre_bias = post_bias = None
+        dropped = []
         if pse is not None:
             _check(pse.dtype == query.dtype, "query, key, value and pse must have the same dtype")
             _check(pse.dim() == 4 and tuple(pse.shape) in {(b, n, lq, lk), (b, n, 1, lk), (1, n, lq, lk)},
                    f"pse must be BNSS, BN1Skv or 1NSS, got {tuple(pse.shape)}")
-            pre_bias = pse
+            if state["graph_mode"]:  # torchair's converter passes real_shift=None: the pse never reaches the op
+                dropped.append("pse")
+            elif state["pse_before_scale"]:
+                pre_bias = pse
+            else:
+                post_bias = pse
         masked = None
         if atten_mask is not None:
             _check(atten_mask.dtype in (torch.bool, torch.uint8), "atten_mask must be bool or uint8")
@@ -76,7 +87,8 @@ def _fusion_attention(calls):
                        "sparse_mode 0: pre_tockens/next_tockens must cover the mask")
                 masked = atten_mask.bool()
         keep = None if masked is None else ~masked
-        out, lse, rowmax = attention64(q, k, v, scale=scale, keep=keep, pre_scale_bias=pre_bias, return_max=True)
+        out, lse, rowmax = attention64(q, k, v, scale=scale, keep=keep, pre_scale_bias=pre_bias, bias=post_bias,
+                                       return_max=True)
         # softmax_max: row max of the scaled, masked scores; softmax_sum: sum(exp(scores - max)); 8 copies each
         finite = torch.isfinite(rowmax)
         ssum = torch.where(finite, torch.exp(lse - torch.where(finite, rowmax, torch.zeros_like(rowmax))),
@@ -89,10 +101,97 @@ def _fusion_attention(calls):
         calls.append({"op": "npu_fusion_attention", "layout": layout, "sparse_mode": sparse_mode,
                       "mask": None if atten_mask is None else tuple(atten_mask.shape),
                       "pse": None if pse is None else tuple(pse.shape), "inner_precise": inner_precise,
-                      "scale": scale})
+                      "scale": scale, "dropped": dropped})
         return out, smax, ssum.contiguous(), torch.empty(0, dtype=query.dtype), 0, 0, 0
 
     return npu_fusion_attention
+
+
+def _fused_infer_attention(calls, state):
+    def npu_fused_infer_attention_score(query, key, value, *, pse_shift=None, atten_mask=None, actual_seq_lengths=None,
+                                        actual_seq_lengths_kv=None, dequant_scale1=None, quant_scale1=None,
+                                        dequant_scale2=None, quant_scale2=None, quant_offset2=None,
+                                        antiquant_scale=None, antiquant_offset=None, block_table=None,
+                                        query_padding_size=None, kv_padding_size=None, key_antiquant_scale=None,
+                                        key_antiquant_offset=None, value_antiquant_scale=None,
+                                        value_antiquant_offset=None, key_shared_prefix=None, value_shared_prefix=None,
+                                        actual_shared_prefix_len=None, query_rope=None, key_rope=None,
+                                        key_rope_antiquant_scale=None, num_heads=1, scale=1.0, pre_tokens=2147483647,
+                                        next_tokens=2147483647, input_layout="BSH", num_key_value_heads=0,
+                                        sparse_mode=0, inner_precise=0, block_size=0, antiquant_mode=0,
+                                        softmax_lse_flag=False, key_antiquant_mode=0, value_antiquant_mode=0):
+        _check(input_layout in ("BSH", "BSND", "BNSD", "BNSD_BSND", "TND"), f"input_layout {input_layout!r}")
+        _check(input_layout == "BNSD", f"fake: layout {input_layout} is not modelled")
+        _check(query.dtype in (torch.float16, torch.bfloat16), f"fake: query float16 or bfloat16 (int8 not "
+                                                               f"modelled), got {query.dtype}")
+        _check(query.dtype == key.dtype == value.dtype, "query, key and value must have the same dtype")
+        _check(all(t.is_contiguous() for t in (query, key, value)), "non-contiguous query/key/value are not supported")
+        _check(query.dim() == 4 and key.shape == value.shape, "BNSD 4-D inputs; key and value of one shape")
+        b, n, lq, d = query.shape
+        nkv, lk = key.shape[1], key.shape[2]
+        _check(num_heads == n, f"num_heads ({num_heads}) must be the query's N ({n}) in BNSD")
+        _check(num_key_value_heads in (0, nkv) and (num_key_value_heads or n) == nkv,
+               f"num_key_value_heads ({num_key_value_heads}) must be key's N ({nkv}), or 0 when equal to num_heads")
+        _check(n % nkv == 0 and n // nkv <= 64 and n <= 256 and d <= 512, "N <= 256, N/KV_N <= 64, D <= 512")
+        _check(isinstance(scale, float), f"scale is a float, got {type(scale).__name__}")
+        _check(inner_precise in (0, 1, 2, 3), "inner_precise is 0..3")
+        unmodelled = (dequant_scale1, quant_scale1, dequant_scale2, quant_scale2, quant_offset2, antiquant_scale,
+                      antiquant_offset, block_table, query_padding_size, kv_padding_size, key_antiquant_scale,
+                      key_antiquant_offset, value_antiquant_scale, value_antiquant_offset, key_shared_prefix,
+                      value_shared_prefix, actual_shared_prefix_len, query_rope, key_rope, actual_seq_lengths)
+        _check(all(a is None for a in unmodelled), "fake: quantization / paging / prefix / rope are not modelled")
+        pre_bias = post_bias = None
+        if pse_shift is not None:
+            _check(pse_shift.dtype == query.dtype, "pse_shift must have the query's dtype")
+            _check(tuple(pse_shift.shape) in {(b, n, lq, lk), (1, n, lq, lk)},
+                   f"pse_shift must be (B, N, Q_S, KV_S) or (1, N, Q_S, KV_S), got {tuple(pse_shift.shape)}")
+            _check(pse_shift.is_contiguous(), "non-contiguous pse_shift is not supported")
+            _check(d % 16 == 0, "pse_shift needs D divisible by 16")
+            if state["pse_before_scale"]:
+                pre_bias = pse_shift
+            else:
+                post_bias = pse_shift
+        allowed = torch.ones(b, 1, lq, lk, dtype=torch.bool)
+        if actual_seq_lengths_kv is not None:
+            lens = list(actual_seq_lengths_kv)
+            _check(len(lens) == 1 or len(lens) >= b, "actual_seq_lengths_kv: one length, or at least one per batch")
+            _check(all(0 <= x <= lk for x in lens), "actual_seq_lengths_kv must be in [0, KV_S]")
+            lens = lens * b if len(lens) == 1 else lens[:b]
+            allowed = allowed & (torch.arange(lk) < torch.tensor(lens).reshape(b, 1, 1, 1))
+        if atten_mask is not None:
+            _check(atten_mask.dtype in (torch.bool, torch.int8, torch.uint8), "atten_mask is bool, int8 or uint8")
+            _check(atten_mask.is_contiguous(), "non-contiguous atten_mask is not supported")
+            if sparse_mode in (2, 3, 4):
+                tri = torch.ones(2048, 2048, dtype=torch.bool).triu(1)
+                _check(tuple(atten_mask.shape)[-2:] == (2048, 2048)
+                       and torch.equal(atten_mask.bool().reshape(2048, 2048), tri),
+                       f"sparse_mode {sparse_mode} takes the optimised 2048x2048 atten_mask")
+                _check(sparse_mode == 3 and lq <= lk, "fake: sparse_mode 3 with Q_S <= KV_S only")
+                allowed = allowed & ~torch.ones(lq, lk, dtype=torch.bool).triu(lk - lq + 1)
+            else:
+                _check(sparse_mode in (0, 1), f"sparse_mode {sparse_mode} is not supported")
+                shapes = {(lq, lk), (1, lq, lk), (b, 1, lq, lk), (1, 1, lq, lk)}
+                _check(tuple(atten_mask.shape) in shapes, f"atten_mask must be (Q_S, KV_S), (1, Q_S, KV_S), "
+                                                          f"(B, 1, Q_S, KV_S) or (1, 1, Q_S, KV_S), got "
+                                                          f"{tuple(atten_mask.shape)}")
+                allowed = allowed & ~atten_mask.bool().reshape((1,) * (4 - atten_mask.dim()) + tuple(atten_mask.shape))
+        else:
+            _check(sparse_mode in (0, 1) or sparse_mode not in (2, 3, 4), "sparse_mode 2/3/4 need the atten_mask")
+        out, lse = attention64(query, key, value, scale=scale, keep=allowed, pre_scale_bias=pre_bias, bias=post_bias)
+        empty = torch.isneginf(lse)
+        if inner_precise < 2:  # no row-invalid correction: documented to lose precision there (modelled: garbage)
+            out = torch.where(empty.unsqueeze(-1), value.double().mean(-2, keepdim=True).repeat_interleave(
+                n // nkv, 1).expand_as(out), out)
+        lse = torch.where(empty, torch.zeros_like(lse), lse)  # not documented for such rows: not -inf here
+        calls.append({"op": "npu_fused_infer_attention_score", "layout": input_layout, "sparse_mode": sparse_mode,
+                      "mask": None if atten_mask is None else tuple(atten_mask.shape),
+                      "pse": None if pse_shift is None else tuple(pse_shift.shape), "inner_precise": inner_precise,
+                      "scale": scale, "kv_lens": None if actual_seq_lengths_kv is None else list(actual_seq_lengths_kv),
+                      "lse": softmax_lse_flag, "dropped": []})
+        lse_out = lse.float().unsqueeze(-1) if softmax_lse_flag else torch.zeros(1)
+        return out.to(query.dtype), lse_out
+
+    return npu_fused_infer_attention_score
 
 
 def _dynamic_quant(calls):
@@ -186,7 +285,11 @@ def _weight_quant_batchmatmul(calls):
     return npu_weight_quant_batchmatmul
 
 
-def make_torch_npu(devices: int = 1, available: bool = True, device_name: str = "Ascend910B3") -> types.ModuleType:
+def make_torch_npu(devices: int = 1, available: bool = True, device_name: str = "Ascend910B3",
+                   graph_mode: bool = False, pse_before_scale: bool = True) -> types.ModuleType:
+    """`graph_mode`: calls behave as under the plugin's NPU graph backend (torchair's converters), recording what
+    they drop. `pse_before_scale`: which reading of the docs the fake ops follow (the 2.13 docs contradict
+    each other on whether pse is added before or after the scale)."""
     module = types.ModuleType("torch_npu")
     module.__spec__ = importlib.machinery.ModuleSpec("torch_npu", None)  # importlib.util.find_spec works on it
     module.__version__ = "2.13.0"
@@ -196,7 +299,9 @@ def make_torch_npu(devices: int = 1, available: bool = True, device_name: str = 
         device_count=lambda: devices if available else 0,
         get_device_name=lambda device=None: device_name,
     )
-    module.npu_fusion_attention = _fusion_attention(module.calls)
+    module.state = {"graph_mode": graph_mode, "pse_before_scale": pse_before_scale}
+    module.npu_fusion_attention = _fusion_attention(module.calls, module.state)
+    module.npu_fused_infer_attention_score = _fused_infer_attention(module.calls, module.state)
     module.npu_dynamic_quant = _dynamic_quant(module.calls)
     module.npu_quant_matmul = _quant_matmul(module.calls)
     module.npu_weight_quant_batchmatmul = _weight_quant_batchmatmul(module.calls)

@@ -80,21 +80,20 @@ def compile_backend(mode: str | None) -> tuple[str | None, str]:
 @hookimpl
 def cachedit_register_backends(registry):
     registry.add(Backend(name=NAME, device_type="npu", dist_backend="hccl", priority=90, is_available=probe,
-                         description="Huawei Ascend NPUs (HCCL, npu_fusion_attention, W8A8 int8, torchair)"))
+                         description="Huawei Ascend NPUs (HCCL, npu_fused_infer_attention_score, W8A8 int8, torchair)"))
 
 
 @hookimpl
 def cachedit_attention_kernels(backend):
     if backend.name != NAME or not probe()[0]:
         return None
-    if device_name().startswith("Ascend310"):
-        return []  # npu_fusion_attention is documented for Atlas A2/A3 training/inference series
-    fn = getattr(_torch_npu(), "npu_fusion_attention", None)
-    if fn is None:
-        return []
-    from .attention import fusion_attention_kernel
+    from .attention import infer_attention_kernel
+    from .device import is_atlas_a2_a3
 
-    return [fusion_attention_kernel(fn)]
+    if not is_atlas_a2_a3(device_name()):
+        return []  # npu_fused_infer_attention_score is documented for Atlas A2/A3 only
+    fn = getattr(_torch_npu(), "npu_fused_infer_attention_score", None)
+    return [] if fn is None else [infer_attention_kernel(fn)]
 
 
 @hookimpl

@@ -23,6 +23,8 @@ import torch
 
 from cachedit.quant.spec import QMAX, QuantizedLinearPath, QuantSpec
 
+from .device import why_not
+
 MAX_DIM = 65535
 _EPS = 1e-12
 _HALF = (torch.float16, torch.bfloat16)
@@ -87,13 +89,13 @@ def unsupported(spec: QuantSpec, torch_npu, device_name: str) -> str:
     for op in (needed,) if spec.weight_only else (needed, "npu_dynamic_quant"):
         if not hasattr(torch_npu, op):
             return f"this torch_npu has no {op}"
-    if device_name.startswith("Ascend310"):
-        return (f"{device_name}: Atlas inference cards take no pertoken_scale in npu_quant_matmul and only "
-                "float16 in npu_weight_quant_batchmatmul; these paths target Atlas A2/A3")
+    if why := why_not(device_name):
+        return (f"{why}; Atlas inference cards take no pertoken_scale in npu_quant_matmul and only float16 in "
+                "npu_weight_quant_batchmatmul")
     return ""
 
 
-def path_for(spec: QuantSpec, torch_npu, device_name: str = "") -> QuantizedLinearPath | None:
+def path_for(spec: QuantSpec, torch_npu, device_name: str) -> QuantizedLinearPath | None:
     if unsupported(spec, torch_npu, device_name):
         return None
     return (WeightQuantMatmulPath if spec.weight_only else QuantMatmulW8A8Path)(spec, torch_npu)

@@ -8,12 +8,21 @@ activations, per tensor or per row. torchao's float8 dynamic config asserts a GP
 capability 8.9+ itself; its int8 and weight-only configs also run on a CPU, which is how the
 tests run this path for real.
 
+What torchao does not take runs on the plugin's own path for the same spec (`quant.py`), and
+`summary()["quantize"]["fallbacks"]` names each such layer and why: float8 layers whose K or N is
+not a multiple of 16 (torchao would leave them unquantized without a word), and per-row float8 on
+float16/float32 weights (torchao asserts bfloat16 for PerRow). Fast accumulation in the float8
+GEMM is off unless `CACHEDIT_CUDA_FP8_FAST_ACCUM=1` (torchao's default is on).
+
+torchao is imported only when a path quantizes (its import loads CUDA extensions and prints
+"Failed to load ..." where they do not fit); `usable()` asks the installed metadata only.
 Set `CACHEDIT_CUDA_TORCHAO=0` to use the plugin's own paths even when torchao is installed.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import os
 
 import torch
@@ -41,34 +50,66 @@ def usable() -> str:
     parts = tuple(int(p) for p in found.split("+")[0].split(".")[:2] if p.isdigit())
     if parts < MIN_VERSION:
         return f"torchao {found} is older than {'.'.join(map(str, MIN_VERSION))}"
-    try:
-        import torchao.quantization  # noqa: F401
-    except Exception as exc:  # a broken install must not break the plugin
-        return f"import torchao.quantization failed: {exc!r}"
+    if importlib.util.find_spec("torchao") is None:
+        return f"torchao {found} is installed but not importable"
     return ""
+
+
+def fast_accum() -> bool:
+    """Fast (lower-precision) accumulation in float8 GEMMs: off unless CACHEDIT_CUDA_FP8_FAST_ACCUM=1."""
+    return os.environ.get("CACHEDIT_CUDA_FP8_FAST_ACCUM", "0") == "1"
 
 
 def config_for(spec: QuantSpec):
     """The torchao config that quantizes like `spec`."""
-    from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig,
-                                      Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, PerRow, PerTensor)
+    from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Float8MMConfig,
+                                      Float8WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig,
+                                      Int8WeightOnlyConfig, PerRow, PerTensor)
 
     granularity = PerRow() if spec.granularity == "row" else PerTensor()
     common = dict(granularity=granularity, set_inductor_config=False)  # compile settings are the plugin's
     if spec.weight_only:
         cls = Float8WeightOnlyConfig if spec.scheme == "fp8" else Int8WeightOnlyConfig
+    elif spec.scheme == "fp8":
+        return Float8DynamicActivationFloat8WeightConfig(mm_config=Float8MMConfig(use_fast_accum=fast_accum()),
+                                                         **common)
     else:
-        cls = Float8DynamicActivationFloat8WeightConfig if spec.scheme == "fp8" else Int8DynamicActivationInt8WeightConfig
+        cls = Int8DynamicActivationInt8WeightConfig
     return cls(**common)
 
 
+FP8_MULTIPLE = 16  # torchao's _fp8_mm_compat: K and N multiples of 16, else the layer is left as it is
+
+
 class TorchaoLinearPath(QuantizedLinearPath):
-    """Quantized linears as torchao builds them: an `nn.Linear` whose weight is torchao's subclass."""
+    """Quantized linears as torchao builds them: an `nn.Linear` whose weight is torchao's subclass; the
+    layers torchao would refuse or skip run on `fallback`, the plugin's own path for the same spec."""
 
     name = "cuda_torchao"
 
-    def quantize_module(self, linear: nn.Linear) -> nn.Module:
-        """A new linear sharing nothing mutable with `linear` (which is kept to restore it)."""
+    def __init__(self, spec: QuantSpec, fallback: QuantizedLinearPath) -> None:
+        super().__init__(spec)
+        self.fallback = fallback
+
+    def declines(self, linear: nn.Linear) -> str:
+        if self.spec.scheme != "fp8":
+            return ""
+        if self.spec.weight_only:
+            return ""
+        n, k = linear.weight.shape
+        if n % FP8_MULTIPLE or k % FP8_MULTIPLE:
+            return (f"torchao leaves float8 layers with K or N not a multiple of {FP8_MULTIPLE} unquantized "
+                    f"(K={k}, N={n}); runs on {self.fallback.name}")
+        if self.spec.granularity == "row" and linear.weight.dtype != torch.bfloat16:
+            return (f"torchao's per-row float8 takes bfloat16 weights only, this one is {linear.weight.dtype}; "
+                    f"runs on {self.fallback.name}")
+        return ""
+
+    def quantize_module(self, linear: nn.Linear) -> nn.Module | None:
+        """A new linear sharing nothing mutable with `linear` (which is kept to restore it); None where
+        torchao would not quantize it (`declines`)."""
+        if self.declines(linear):
+            return None
         from torchao.quantization import quantize_
 
         new = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
@@ -79,4 +120,7 @@ class TorchaoLinearPath(QuantizedLinearPath):
         return new
 
     def quantize_weight(self, weight: torch.Tensor):
-        raise NotImplementedError(f"{self.name} quantizes whole modules (quantize_module)")
+        return self.fallback.quantize_weight(weight)
+
+    def linear(self, x, qweight, w_scale, bias):
+        return self.fallback.linear(x, qweight, w_scale, bias)

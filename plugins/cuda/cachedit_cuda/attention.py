@@ -1,6 +1,12 @@
 """CUDA attention kernels, offered by capability, highest priority first:
 
-    fa3 (400)  >  cudnn_sdpa (300)  >  flash_sdpa (200)  >  efficient_sdpa (100)  >  core torch_sdpa (-100)
+    fa3 (400) > cudnn_sdpa (300) > flash_sdpa (200) > [cudnn_sdpa (150)] > efficient_sdpa (100) > torch_sdpa (-100)
+
+cuDNN ranks above flash only where torch itself prefers it (cuDNN >= 9.15 on sm90 / sm100, sdp_utils.cpp
+`check_prefer_cudnn_attention`), below it elsewhere. Rows whose mask keeps no key give output 0 and
+LSE -inf from every kernel (cuDNN is given -65504 for masked positions, as torch gives it, which makes
+such rows an average; the mem-efficient kernel's LSE there is not documented), so Ring merging and
+padding keys stay exact.
 
 Every kernel takes and returns the core's (batch, heads, seq, head_dim) layout, and with
 `return_lse=True` also the float32 log-sum-exp of the scaled scores, shape (batch, heads, seq_q).
@@ -66,19 +72,44 @@ def _repeat_kv(query, key, value):
     return key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
 
 
-def _additive_bias(attn_mask, query, key, align: int = 8):
+CUDNN_MASKED = -65504.0  # torch gives cuDNN this, not -inf, for masked-out positions (a cuDNN issue with -inf)
+
+
+def _empty_rows(attn_mask, lq: int):
+    """Query rows whose mask keeps no key, (B|1, H|1, Sq) bool; None when there is no mask."""
+    if attn_mask is None:
+        return None
+    mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    empty = ~mask.any(-1) if mask.dtype == torch.bool else torch.isneginf(mask).all(-1)
+    return empty.expand(*empty.shape[:2], lq)
+
+
+def _finite_mask(attn_mask, dtype):
+    """A mask for cuDNN: booleans become a -65504 bias, -inf biases are clamped to -65504."""
+    if attn_mask is None:
+        return None
+    if attn_mask.dtype == torch.bool:
+        return torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill(~attn_mask,
+                                                                                              CUDNN_MASKED)
+    return attn_mask.to(dtype).clamp(min=CUDNN_MASKED)
+
+
+def _additive_bias(attn_mask, query, key, align: int = 8, masked: float = float("-inf")):
     """The mask as the float bias the aten kernels take, as torch's own SDPA prepares it
     (`preprocess_mask` in aten/src/ATen/native/transformers/cuda/attention.cu): query's dtype, last
-    dim padded in memory to a multiple of `align`, then expanded (no copy) to (B, H, Sq, Sk)."""
+    dim padded in memory to a multiple of `align`, then expanded (no copy) to (B, H, Sq, Sk).
+    Masked-out positions get `masked` (-65504 for cuDNN, as torch gives it)."""
     if attn_mask is None:
         return None
     b, h, lq, _ = query.shape
     lk = key.shape[-2]
     mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
     if mask.dtype == torch.bool:
-        bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(~mask, float("-inf"))
+        bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(~mask, masked)
     else:
         bias = mask.to(query.dtype)
+        if masked != float("-inf"):
+            bias = bias.clamp(min=masked)
     if bias.shape[-1] % align or any(s % align for s in bias.stride()[:-1] if s):
         padded = torch.zeros(*bias.shape[:-1], -(-bias.shape[-1] // align) * align, dtype=bias.dtype,
                              device=bias.device)
@@ -126,13 +157,22 @@ def make_sdpa_kernel_fn(name: str):
                 raise ValueError(f"{name}: torch's flash kernel aligns causal attention top-left and refuses "
                                  f"seq_q != seq_k ({lq} vs {lk}); cachedit's causal is bottom-right")
             attn_mask, is_causal = _merge_causal(attn_mask, lq, lk, query.device), False
+        # Rows with no key to attend to are cachedit's output 0 / LSE -inf whatever the kernel gives there
+        # (cuDNN averages them under the -65504 bias; the mem-efficient LSE is undocumented there).
+        empty = _empty_rows(attn_mask, lq)
+        masked = CUDNN_MASKED if backend == SDPBackend.CUDNN_ATTENTION else float("-inf")
         if not return_lse:
+            mask = _finite_mask(attn_mask, query.dtype) if masked != float("-inf") else attn_mask
             with torch.nn.attention.sdpa_kernel([backend]):
-                return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal,
-                                                      scale=scale, enable_gqa=key.shape[1] != query.shape[1])
+                out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal,
+                                                     scale=scale, enable_gqa=key.shape[1] != query.shape[1])
+            return out if empty is None else out.masked_fill(empty.unsqueeze(-1), 0.0)
         key, value = _repeat_kv(query, key, value)
-        out, lse = lse_op(query, key, value, _additive_bias(attn_mask, query, key, align), is_causal, scale)
-        return out, lse.float()
+        out, lse = lse_op(query, key, value, _additive_bias(attn_mask, query, key, align, masked), is_causal, scale)
+        lse = lse.float()
+        if empty is not None:
+            out, lse = out.masked_fill(empty.unsqueeze(-1), 0.0), lse.masked_fill(empty, float("-inf"))
+        return out, lse
 
     attention.__name__ = f"{name}_attention"
     return attention
@@ -187,6 +227,15 @@ def _fa3(caps):
     ), ""
 
 
+CUDNN_PREFERRED_VERSION = 91500  # torch prefers cuDNN attention over flash from cuDNN 9.15 ...
+CUDNN_PREFERRED_CAPS = {(9, 0), (10, 0)}  # ... on sm90 / sm100 (sdp_utils.cpp check_prefer_cudnn_attention)
+
+
+def cudnn_preferred(version: int, caps) -> bool:
+    """Whether torch itself would rank cuDNN attention above flash here."""
+    return version >= CUDNN_PREFERRED_VERSION and bool(caps) and all(tuple(c) in CUDNN_PREFERRED_CAPS for c in caps)
+
+
 def _cudnn(caps):
     if not torch.backends.cudnn.is_available():
         return None, "this torch build has no cuDNN"
@@ -195,10 +244,13 @@ def _cudnn(caps):
         return None, f"cuDNN SDPA needs cuDNN >= 9.0, found {version}"
     if not all_in(caps, (8, 0), (12, 1)):
         return None, f"cuDNN SDPA runs on sm_80..sm_121; visible: {describe(caps)}"
+    preferred = cudnn_preferred(version, caps)
     return AttentionKernel(
         name="cudnn_sdpa", fn=make_sdpa_kernel_fn("cudnn_sdpa"), dtypes=HALF, head_dims=(8, 128),
         head_dim_multiple=8, returns_lse=True, supports_mask=True, supports_causal=True, supports_gqa=True,
-        priority=300, description="torch SDPA, cuDNN backend",
+        priority=300 if preferred else 150,
+        description="torch SDPA, cuDNN backend" + ("" if preferred else " (ranked below flash: torch prefers "
+                                                   "it only from cuDNN 9.15 on sm90/sm100)"),
     ), ""
 
 

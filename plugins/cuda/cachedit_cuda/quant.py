@@ -14,6 +14,8 @@
 - A layer whose K or N the GEMM cannot take runs the same W8A8 math (quantized activations and
   weights, float32 accumulation, then the scales) through a plain float32 matmul: a declared
   fallback, exact to the emulation, not faster.
+- Fast accumulation in `_scaled_mm` is off (exact float32 accumulation) unless
+  `CACHEDIT_CUDA_FP8_FAST_ACCUM=1`.
 - weight-only (fp8 or int8): one-byte weights dequantized to the input's dtype before F.linear (saves
   weight memory, not compute).
 
@@ -99,7 +101,8 @@ class ScaledMMLinearPath(_Path):
             scale_b = w_scale
         fused_bias = bias is not None and mm_dtype in (torch.float16, torch.bfloat16)
         y = torch._scaled_mm(xq, qweight.t(), scale_a=x_scale, scale_b=scale_b,
-                             bias=bias.to(mm_dtype) if fused_bias else None, out_dtype=mm_dtype)
+                             bias=bias.to(mm_dtype) if fused_bias else None, out_dtype=mm_dtype,
+                             use_fast_accum=ao.fast_accum())
         y = y.to(out_dtype)
         if bias is not None and not fused_bias:
             y = y + bias.to(out_dtype)
@@ -161,11 +164,13 @@ def path_for(spec: QuantSpec, caps: list[tuple[int, int]], use_torchao: bool | N
     """The path for `spec`; torchao's when `use_torchao` (None: whenever `ao.usable()`)."""
     if unsupported(spec, caps):
         return None
-    if use_torchao or (use_torchao is None and not ao.usable()):
-        return ao.TorchaoLinearPath(spec)
     if spec.weight_only:
-        return DequantLinearPath(spec)
-    return ScaledMMLinearPath(spec) if spec.scheme == "fp8" else IntMMLinearPath(spec)
+        own = DequantLinearPath(spec)
+    else:
+        own = ScaledMMLinearPath(spec) if spec.scheme == "fp8" else IntMMLinearPath(spec)
+    if use_torchao or (use_torchao is None and not ao.usable()):
+        return ao.TorchaoLinearPath(spec, fallback=own)
+    return own
 
 
 def torchao_version() -> str | None:
