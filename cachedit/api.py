@@ -334,6 +334,7 @@ def summary(pipe) -> dict[str, Any]:
                             for n, tp in {**state.tensor_parallel, **state.text_encoders}.items()} or None,
         "quantize": None if state.quantize is None else {
             **vars(state.quantize), "linears": {n: len(q.places) for n, q in state.quantized.items()},
+            "kept_in_float": {n: q.kept_in_float for n, q in state.quantized.items()},
             "fallbacks": {n: dict(q.fallbacks) for n, q in state.quantized.items()},
             "weight_bytes": {n: weight_bytes(getattr(pipe, n)) for n in state.quantized}},
     }

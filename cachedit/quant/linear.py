@@ -44,6 +44,7 @@ class Swapped:
 
     places: list[tuple[nn.Module, str, nn.Module | None, torch.device]] = field(default_factory=list)
     fallbacks: dict[str, str] = field(default_factory=dict)  # linear name -> why the path's own module declined
+    kept_in_float: int = 0  # linears of adapter (LoRA) layers, left as they are
 
     def check_restorable(self) -> None:
         if any(original is None for _, _, original, _ in self.places):
@@ -51,15 +52,27 @@ class Swapped:
                                "the quantized linears cannot be restored; reload the pipeline instead")
 
 
+def adapter_linears(transformer: nn.Module) -> set[nn.Module]:
+    """Linears inside adapter layers (peft's LoRA: a `base_layer` wrapped with `lora_A` / `lora_B`). They stay in
+    float: peft reads and, on fuse / unfuse, rewrites its base layer's `weight`, which a quantized linear has not."""
+    found = set()
+    for module in transformer.modules():
+        if isinstance(getattr(module, "base_layer", None), nn.Module) and hasattr(module, "lora_A"):
+            found.update(m for m in module.modules() if type(m) is nn.Linear)
+    return found
+
+
 def quantizable(transformer: nn.Module, config: QuantConfig, skip=frozenset()) -> list[tuple[str, nn.Linear]]:
-    """The linears to quantize: not excluded by name, not in `skip` (e.g. projections now run fused)."""
+    """The linears to quantize: not excluded by name, not in `skip` (e.g. projections now run fused), not
+    part of an adapter layer."""
+    adapters = adapter_linears(transformer)
     return [(name, m) for name, m in transformer.named_modules()
-            if type(m) is nn.Linear and not config.excludes(name) and m not in skip]
+            if type(m) is nn.Linear and not config.excludes(name) and m not in skip and m not in adapters]
 
 
 def apply_quantization(transformer: nn.Module, config: QuantConfig, path: QuantizedLinearPath,
                        skip=frozenset()) -> Swapped:
-    swapped = Swapped()
+    swapped = Swapped(kept_in_float=len(adapter_linears(transformer)))
     for name, linear in quantizable(transformer, config, skip):
         parent_name, _, attr = name.rpartition(".")
         parent = transformer.get_submodule(parent_name) if parent_name else transformer
