@@ -13,16 +13,14 @@ import torch
 import cachedit
 from cachedit.testing.tiny import tiny_call_kwargs, tiny_pipeline
 
+from .interrupts import Abort, abort_at_call, interruptions, raise_at
+
 STEPS = 4
 EXACT = dict(device="cpu_ref", attention="torch_sdpa")
 # Random weights: relative changes are ~0.2-0.5 per step, so this caches steps 1 and 3 (warmup 1, at most one
 # skip in a row); TaylorSeer keeps a calibrator history across steps.
 CACHE = dict(residual_diff_threshold=100.0, warmup_steps=1, max_continuous_cached_steps=1, calibrator="taylorseer")
 CASES = {"cache": False, "cache+cfg": True}  # FLUX without / with true CFG (two named transformer calls a step)
-
-
-class Abort(Exception):
-    pass
 
 
 def _kwargs(cfg: bool, steps: int = STEPS) -> dict:
@@ -55,43 +53,15 @@ def fresh():
     return refs
 
 
-def _raise_at(step: int, error: BaseException):
-    """A callback_on_step_end that raises `error` at the end of step `step`."""
-    def callback(pipe, i, t, kwargs):
-        if i == step:
-            raise error
-        return kwargs
-    return callback
-
-
-def _interruptions(cfg: bool):
-    """(label, extra call kwargs, the error, transformer call index to raise at) for every step index
-    (callback_on_step_end raising KeyboardInterrupt) and every transformer call index (a forward pre-hook
-    raising before the call: with CFG, odd indices fall between a step's "cond" and "uncond" calls)."""
-    for k in range(STEPS):
-        yield f"step {k}", dict(callback_on_step_end=_raise_at(k, KeyboardInterrupt())), KeyboardInterrupt, None
-    for c in range(STEPS * (2 if cfg else 1)):
-        yield f"transformer call {c}", {}, Abort, c
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_next_call_after_an_interruption_at_every_step_matches_a_fresh_pipeline(case, fresh):
     cfg = CASES[case]
     expected, report = fresh[case]
     pipe = tiny_pipeline("flux")
     cachedit.accelerate(pipe, **EXACT, cache=CACHE)
-    for label, extra, error, call_index in _interruptions(cfg):
-        seen = []
-
-        def pre_hook(module, args, kwargs):
-            if len(seen) == call_index:
-                raise Abort(label)
-            seen.append(1)
-
-        handle = pipe.transformer.register_forward_pre_hook(pre_hook, with_kwargs=True)
-        with pytest.raises(error):
+    for label, extra, error, call_index in interruptions(STEPS, 2 if cfg else 1):
+        with abort_at_call(pipe.transformer, call_index), pytest.raises(error):
             pipe(prompt="a red monkey eating a burger", **_kwargs(cfg), **extra)  # another prompt than the next
-        handle.remove()
         assert _live(pipe) == 0, f"{case}, {label}: per-call state survived the interrupted call"
         out = pipe(prompt="a photo of a cat", **_kwargs(cfg))[0]
         assert torch.equal(out, expected), f"{case}, interrupted at {label}: the next call differs from a fresh one"
@@ -104,7 +74,7 @@ def test_an_interrupted_call_reports_itself_and_the_next_one_alone():
     cachedit.accelerate(pipe, **EXACT, cache=CACHE)
 
     with pytest.raises(RuntimeError, match="client went away"):
-        pipe(prompt="a dog", **_kwargs(True, steps=6), callback_on_step_end=_raise_at(2, RuntimeError("client went away")))
+        pipe(prompt="a dog", **_kwargs(True, steps=6), callback_on_step_end=raise_at(2, RuntimeError("client went away")))
     assert {r["steps"] for r in _contexts(pipe).values()} == {3}  # steps 0-2 ran, then the callback raised
     pipe(prompt="a dog", **_kwargs(True, steps=6))
     assert {r["steps"] for r in _contexts(pipe).values()} == {6}
@@ -121,7 +91,7 @@ def test_the_interception_is_instance_scoped_and_disable_restores_it_exactly():
     assert inspect.signature(pipe.__call__) == signature
     assert cls.__call__ is call and type(other) is cls, "a class was patched"
     with pytest.raises(Abort):  # a failing call, then one that must equal the plain pipeline
-        pipe(prompt="a photo of a cat", **_kwargs(True), callback_on_step_end=_raise_at(1, Abort()))
+        pipe(prompt="a photo of a cat", **_kwargs(True), callback_on_step_end=raise_at(1, Abort()))
     assert torch.equal(pipe(prompt="a photo of a cat", **_kwargs(True))[0], plain)
     cachedit.disable(pipe)
     assert type(pipe) is cls and cls.__call__ is call and set(vars(pipe)) == keys
