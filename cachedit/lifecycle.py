@@ -36,11 +36,13 @@ import torch.nn as nn
 
 
 def reset(modules) -> None:
-    """Reset every stateful diffusers hook on `modules` and their children (diffusers' own end-of-call reset)."""
+    """Reset every stateful diffusers hook on `modules` and their children: diffusers' own end-of-call reset,
+    over the child registries diffusers keeps for `cache_context` (no walk of the module tree)."""
     for module in modules:
         registry = getattr(module, "_diffusers_hook", None)
         if registry is not None:
-            registry.reset_stateful_hooks(recurse=True)
+            for child in (registry, *registry._get_child_registries()):
+                child.reset_stateful_hooks(recurse=False)
 
 
 class Scope:
