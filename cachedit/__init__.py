@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from .api import accelerate, disable, refresh, summary
+from .api import accelerate, disable, refresh, request, summary
 from .attention import AttentionKernel
 from .backend import Backend, PluginRecord
 from .config import CacheConfig, CompileConfig, ParallelConfig, QuantConfig
@@ -24,6 +24,6 @@ def backends() -> list[PluginRecord]:
 
 
 __all__ = [
-    "accelerate", "disable", "refresh", "summary", "backends", "hookimpl", "Backend", "PluginRecord", "AttentionKernel",
+    "accelerate", "disable", "refresh", "request", "summary", "backends", "hookimpl", "Backend", "PluginRecord", "AttentionKernel",
     "CacheConfig", "CompileConfig", "ParallelConfig", "QuantConfig",
 ]

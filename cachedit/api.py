@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,7 +11,7 @@ import torch
 import torch.nn as nn
 from diffusers.hooks import ModelHook
 
-from . import hooks
+from . import hooks, lifecycle
 from .adapters import Adapter, adapter_for, transformers_of
 from .attention import TORCH_SDPA, AttentionRouter, needs_router, select_kernel
 from .cache.dbcache import apply_cache, remove_cache
@@ -85,6 +86,8 @@ class _Applied:
     num_steps_override: int | None = None
     compile_options: dict = field(default_factory=dict)
     fused_qkv: dict = field(default_factory=dict)  # transformer name -> fusion.FusedQKV
+    scope: Any = None  # lifecycle.Scope: per-call state starts fresh and is released at every call
+    own_class: Any = None  # the per-instance class lifecycle.install gave the pipeline
 
 
 def _head_dim(transformer: nn.Module) -> int | None:
@@ -178,6 +181,7 @@ def accelerate(pipe, device: str = "auto", cache=None, parallel=None, quantize=N
     adapters = _validate(pipe, backend, cache_cfg, parallel_cfg, quant_cfg, compile_cfg, attention)
 
     state = _Applied(backend, cache_cfg, parallel_cfg, quant_cfg, compile_cfg, attention, adapters)
+    state.scope = lifecycle.Scope(lambda: [getattr(pipe, n) for n in state.adapters])
     setattr(pipe, STATE_ATTR, state)
     try:
         kernels = manager().attention_kernels(backend)
@@ -211,7 +215,7 @@ def accelerate(pipe, device: str = "auto", cache=None, parallel=None, quantize=N
                     state.compiled.append(block)
             if cache_cfg is not None:
                 state.caches[name] = apply_cache(transformer, adapters[name], cache_cfg,
-                                                 functools.partial(_num_steps, pipe))
+                                                 functools.partial(_num_steps, pipe), state.scope)
             if context_parallel:  # after the cache: its splits are outermost, its reduce agrees the caches
                 state.context_parallel[name] = apply_context_parallel(
                     transformer, parallel_cfg, backend, state.routers[name], state.caches.get(name, []), mesh=mesh)
@@ -229,6 +233,8 @@ def accelerate(pipe, device: str = "auto", cache=None, parallel=None, quantize=N
             for name, encoder in text_encoders_of(pipe).items():
                 state.text_encoders[name] = apply_tensor_parallel(encoder, tp_plan_for(encoder),
                                                                   tensor_communicator(backend))
+        if state.caches or state.cfg_parallel:  # last: every call of the pipeline starts and ends its state
+            state.own_class = lifecycle.install(pipe, state.scope, functools.partial(_drop_override, state))
     except BaseException:
         disable(pipe)
         raise
@@ -242,6 +248,9 @@ def disable(pipe):
         return pipe
     for swapped in state.quantized.values():
         swapped.check_restorable()  # before anything is undone
+    if state.own_class is not None:
+        lifecycle.check_removable(pipe, state.own_class)
+        lifecycle.remove(pipe, state.own_class)
     if state.vae_parallel is not None:
         remove_vae_parallel(state.vae_parallel)
     if state.controlnet_parallel is not None:
@@ -278,20 +287,51 @@ def _num_steps(pipe) -> int | None:
     return len(timesteps) if timesteps is not None else None
 
 
-def refresh(pipe, num_inference_steps: int | None = None):
-    """Start fresh cache state, for transformers called directly (serving) rather than through the
-    pipeline, which refreshes itself after every call; optionally fix the step count for step masks."""
+def _drop_override(state: _Applied) -> None:
+    """A pipeline call knows its own step count: a `refresh`/`request` override does not outlive it."""
+    state.num_steps_override = None
+
+
+def _accelerated(pipe, what: str) -> _Applied:
     state: _Applied | None = getattr(pipe, STATE_ATTR, None)
     if state is None:
-        raise ValueError("refresh(pipe): pipe is not accelerated; call cachedit.accelerate(pipe, ...) first")
+        raise ValueError(f"{what}(pipe): pipe is not accelerated; call cachedit.accelerate(pipe, ...) first")
+    return state
+
+
+def _check_steps(num_inference_steps) -> None:
     if num_inference_steps is not None and (isinstance(num_inference_steps, bool) or not isinstance(
             num_inference_steps, int) or num_inference_steps < 1):
         raise ValueError(f"num_inference_steps={num_inference_steps!r} is invalid; allowed values: an integer >= 1")
+
+
+def refresh(pipe, num_inference_steps: int | None = None):
+    """Start fresh per-call state now (the manual override for transformers called directly; pipeline
+    calls and `request` do it themselves); optionally fix the step count for step masks."""
+    state = _accelerated(pipe, "refresh")
+    _check_steps(num_inference_steps)
     state.num_steps_override = num_inference_steps
-    for caches in state.caches.values():
-        for cache in caches:
-            cache.finish_call()
+    lifecycle.reset(getattr(pipe, n) for n in state.adapters)
     return pipe
+
+
+@contextmanager
+def request(pipe, num_inference_steps: int | None = None):
+    """One serving request of direct transformer calls: per-call state starts fresh on entry and is
+    released on exit, however the block ends; `num_inference_steps` fixes the step count for step masks.
+
+        with cachedit.request(pipe, num_inference_steps=28):
+            for t in timesteps:
+                noise = pipe.transformer(latents, timestep=t, ...)[0]
+    """
+    state = _accelerated(pipe, "request")
+    _check_steps(num_inference_steps)
+    state.num_steps_override = num_inference_steps
+    try:
+        with state.scope.run():
+            yield pipe
+    finally:
+        state.num_steps_override = None
 
 
 def _cache_report(caches) -> dict[str, Any]:

@@ -6,10 +6,13 @@ blocks run or are skipped, in which case their residual from the last computed s
 calibrator's forecast of it) is added instead. The last Bn blocks always run. DBPrune (per block): each middle block not protected is skipped on
 its own when its input changed by less than the threshold, reusing its own last residual.
 
-State lives per diffusers cache context (see `state.py`) and is reset by diffusers' own
-`maybe_free_model_hooks()` at the end of every pipeline call (or `cachedit.refresh`). Under a
-parallel plan, `reduce` averages the decision statistic over ranks so every rank decides alike.
-The decision is the only host synchronisation (`.item()`), and it runs outside compiled blocks.
+State lives per diffusers cache context (see `state.py`); it starts fresh and is released at every
+pipeline call's start and exit (`lifecycle.py`, through diffusers' reset of stateful hooks), at a
+`cachedit.request` or `cachedit.refresh`, and where the timestep schedule of direct transformer
+calls restarts (`runs.py`). Under a parallel plan, `reduce` averages the decision statistic over
+ranks so every rank decides alike. The decision is the only host synchronisation per step (`.item()`),
+besides one read of the timestep per transformer call that no `cache_context` names; both run
+outside compiled blocks.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ from ..config import CacheConfig
 from .masks import resolve_mask
 from .memo import apply_memo, remove_memo
 from .policies import Probe, make_policy
-from .state import CallState, ContextStates
+from .runs import RunTracker
+from .state import DEFAULT_CONTEXT, CallState, ContextStates
 
 HOOK_NAME = "cachedit.cache"
 BRANCH_HOOK = "cachedit.cache.branch"
+TIMESTEP_ARGS = ("timestep", "t")  # what diffusers transformers call their timestep argument
 
 
 class StackCache:
@@ -118,9 +123,16 @@ class StackCache:
             st.continuous += 1
 
     def finish_call(self) -> None:
+        """The end of a call or run: keep its reports, release its states."""
         if self.states._state_cache:
             self.last_call = self.states.reports()
         self.states.reset()
+
+    def new_run(self) -> None:
+        """A new denoising run starts inside a transformer call: fresh states, the call's context kept."""
+        context = self.states.context_info
+        self.finish_call()
+        self.states.set_context(context)
 
     # -- the block call ------------------------------------------------------------------------
     def decide(self, st: CallState, hidden: torch.Tensor, encoder: torch.Tensor | None) -> Probe:
@@ -211,41 +223,75 @@ class BlockCacheHook(ModelHook):
         return module
 
 
-class BranchContextHook(ModelHook):
-    """Names the CFG branch of a transformer call that no `cache_context` names.
+class CallContextHook(ModelHook):
+    """Per transformer call: names the CFG branch of a call no `cache_context` names, and, for a
+    transformer called directly (no pipeline call or `cachedit.request` in progress), starts fresh
+    state where the timestep schedule restarts (`runs.py`: from timesteps, never from addresses).
 
-    Most diffusers pipelines wrap each call in `transformer.cache_context("cond"/"uncond")`. Some
-    (Chroma, Lumina2) do not; their branches differ by the text embedding tensor they pass, the
-    same tensor at every step, so that tensor's identity names the branch. This also holds when a
-    pipeline drops the unconditional call for some steps, which counting calls would not survive.
+    Pipelines that name their calls pay nothing here; otherwise the call's timestep is read once (a
+    host read of one number; on an accelerator, one synchronisation per transformer call).
     """
 
-    def __init__(self, caches: list[StackCache], text_arg: str | None) -> None:
+    _is_stateful = True  # the run it follows ends with the pipeline call (diffusers' reset, the lifecycle)
+
+    def __init__(self, caches: list[StackCache], infer_branches: bool, scope=None) -> None:
         super().__init__()
         self.caches = caches
-        self.text_arg = text_arg
+        self.infer_branches = infer_branches  # False: unnamed calls share one state (batched CFG)
+        self.scope = scope  # lifecycle.Scope: whether call boundaries are known
+        self.runs = RunTracker()
+
+    def initialize_hook(self, module: nn.Module) -> nn.Module:
+        params = _param_names(type(module))
+        self.timestep_arg = next((p for p in TIMESTEP_ARGS if p in params), None)
+        self.timestep_index = params.index(self.timestep_arg) if self.timestep_arg is not None else None
+        return module
+
+    def reset_state(self, module: nn.Module) -> nn.Module:
+        self.runs.clear()
+        return module
+
+    def _timestep(self, args, kwargs) -> float | None:
+        value = kwargs.get(self.timestep_arg) if self.timestep_arg is not None else None
+        if value is None and self.timestep_index is not None and self.timestep_index < len(args):
+            value = args[self.timestep_index]
+        if isinstance(value, torch.Tensor):
+            return float(value.reshape(-1)[0]) if value.numel() else None
+        return float(value) if isinstance(value, (int, float)) else None
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
-        states = [c.states for c in self.caches]
-        if any(s.context_info is not None for s in states):
+        context = self.caches[0].states.context_info  # set by the pipeline's cache_context, if any
+        direct = self.scope is None or not self.scope.active
+        if not direct and (context is not None or not self.infer_branches):
+            return self._run(None, args, kwargs)
+        timestep = self._timestep(args, kwargs)
+        branch, restart = None, False
+        if timestep is not None:
+            branch, restart = self.runs.observe(timestep, context.name if context is not None else None)
+        if restart and direct:
+            for cache in self.caches:
+                cache.new_run()
+            for _, memo in getattr(self.caches[0], "memo", []):
+                memo.reset_state(None)
+        if context is not None:
+            return self._run(None, args, kwargs)
+        return self._run(branch if self.infer_branches and branch is not None else DEFAULT_CONTEXT, args, kwargs)
+
+    def _run(self, name: str | None, args, kwargs):
+        """The transformer's forward, with the cache context `name` set for its duration (None: as it is)."""
+        if name is None:
             return self.fn_ref.original_forward(*args, **kwargs)
-        text = None
-        if self.text_arg is not None:
-            text = kwargs.get(self.text_arg)
-            params = _param_names(type(module))
-            if text is None and self.text_arg in params and params.index(self.text_arg) < len(args):
-                text = args[params.index(self.text_arg)]
-        name = f"text@{text.data_ptr():x}:{tuple(text.shape)}" if isinstance(text, torch.Tensor) else "default"
-        for s in states:
-            s.set_context(CacheContext(name))
+        for cache in self.caches:
+            cache.states.set_context(CacheContext(name))
         try:
             return self.fn_ref.original_forward(*args, **kwargs)
         finally:
-            for s in states:
-                s.set_context(None)
+            for cache in self.caches:
+                cache.states.set_context(None)
 
 
-def apply_cache(transformer: nn.Module, adapter: Adapter, config: CacheConfig, num_steps) -> list[StackCache]:
+def apply_cache(transformer: nn.Module, adapter: Adapter, config: CacheConfig, num_steps, scope=None) -> list[StackCache]:
+    """Hook every block stack of `transformer`; `scope` (lifecycle.Scope) says when call boundaries are known."""
     stacks = adapter.stacks(transformer)
     caches = []
     for blocks in stacks:
@@ -254,7 +300,7 @@ def apply_cache(transformer: nn.Module, adapter: Adapter, config: CacheConfig, n
         for i, block in enumerate(blocks):
             hooks.attach(block, BlockCacheHook(cache, i), HOOK_NAME)
         caches.append(cache)
-    hooks.attach(transformer, BranchContextHook(caches, adapter.text_arg), BRANCH_HOOK)
+    hooks.attach(transformer, CallContextHook(caches, adapter.text_arg is not None, scope), BRANCH_HOOK)
     caches[0].memo = apply_memo(transformer, adapter.pure_modules)
     return caches
 

@@ -3,8 +3,8 @@
 A DiT recomputes its rotary position embedding at every denoising step from the same position
 ids; once blocks are skipped that fixed cost is a growing share of the step. Adapters name such
 modules (`Adapter.pure_modules`); while a cache is applied each of them returns its previous
-output when called again with equal arguments, within one pipeline call (diffusers' end-of-call
-reset clears it, like the cache state).
+output when called again with equal arguments, within one pipeline call or request (its state is
+cleared with the cache state: at every call's start and exit, see `lifecycle.py`).
 """
 
 from __future__ import annotations

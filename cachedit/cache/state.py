@@ -2,8 +2,9 @@
 
 Pipelines name their transformer calls with `transformer.cache_context(name)`; a
 `ContextStates` (a diffusers `StateManager`) keeps one `CallState` per name, so the conditional
-and unconditional branches of classifier-free guidance never share residuals. Calls made
-outside any context (a transformer called directly) use the context "default".
+and unconditional branches of classifier-free guidance never share residuals. Calls no context
+names get a branch name from `runs.py` (or "default"). States live for one pipeline call, request or
+denoising run (see `dbcache.py`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from diffusers.hooks.hooks import BaseState, StateManager
 from .calibrators import Calibrator, make_calibrator
 
 DEFAULT_CONTEXT = "default"
+MAX_STATES = 8  # live states per block stack (a pipeline names two or three contexts)
 
 
 @dataclass
@@ -61,11 +63,14 @@ class CallState(BaseState):
 
 
 class ContextStates(StateManager):
-    """A StateManager that falls back to the "default" context instead of raising."""
+    """A StateManager that falls back to the "default" context instead of raising, and holds at most
+    `MAX_STATES` states: a new context beyond that evicts the oldest one, so no naming can pile up states."""
 
     def get_state(self) -> CallState:
         name = self._context.name if self._context is not None else DEFAULT_CONTEXT
         if name not in self._state_cache:
+            while len(self._state_cache) >= MAX_STATES:
+                del self._state_cache[next(iter(self._state_cache))]
             self._state_cache[name] = self._state_cls(*self._init_args, **self._init_kwargs)
         return self._state_cache[name]
 

@@ -8,6 +8,14 @@ two predictions only after both calls). Batched-CFG pipelines (SD3, Z-Image, LTX
 batch of both branches: each half computes half of the batch and the halves are gathered.
 Either way every rank ends each step with both predictions, so the pipeline continues unchanged.
 
+A call's topology is what its first step shows, before any rank diverges: every rank computes the
+first step's calls as one process would (the price: that step is not split). If the step made both a
+"cond" and an "uncond" call, each half runs its own branch from the second step on; if it made one
+(a call without CFG, e.g. `true_cfg_scale=1`), every rank runs that branch for the whole call. A
+batched call whose batch does not split in two (no CFG) runs whole on every rank. The exchange state
+lives for one pipeline call: it starts fresh at the call's start and is dropped however it ends
+(`lifecycle.py`), so an aborted call never poisons the next one on any rank.
+
 Combined with context / tensor parallelism the world is the (cfg, ring, ulysses, tensor) mesh
 (`tensor.hybrid_mesh`): each CFG half runs its branch with its own context- and tensor-parallel
 groups, and the exchange goes over the "cfg" group (the two ranks with the same coordinate in the
@@ -35,7 +43,7 @@ class _Nothing(BaseState):
 class CfgParallelHook(ModelHook):
     """Runs one CFG branch per rank and exchanges the predictions (see the module docstring)."""
 
-    _is_stateful = True  # so diffusers' cache_context reaches `self.context`
+    _is_stateful = True  # so diffusers' cache_context reaches `self.context`, and its reset `reset_state`
 
     def __init__(self, comm) -> None:
         super().__init__()
@@ -44,10 +52,14 @@ class CfgParallelHook(ModelHook):
         self.caches: list = []  # (StackCache, its reduce before this hook wrapped it)
         self.context = StateManager(_Nothing)
         self.mine = BRANCHES[comm.rank]
+        # Per call (reset at every pipeline call's start and exit):
+        self.split: bool | None = None  # the call's topology: None until known; True: one branch per half
+        self.seen: list[str] = []  # the branches of the call's first step, while its topology is unknown
         self.pending: dict[str, torch.Tensor] = {}  # branch -> this rank's output or the other's buffer
-        self.calls = 0
 
     def reset_state(self, module: nn.Module) -> nn.Module:
+        self.split = None
+        self.seen.clear()
         self.pending.clear()
         return module
 
@@ -56,9 +68,17 @@ class CfgParallelHook(ModelHook):
         name = info.name if info is not None else None
         if name not in BRANCHES:
             return self._batched(module, args, kwargs)
+        if self.split is None:
+            if name not in self.seen:  # the call's first step: every rank computes it, as one process would
+                self.seen.append(name)
+                return self.fn_ref.original_forward(*args, **kwargs)
+            self._known(split=set(self.seen) == set(BRANCHES))
+        if not self.split:  # a call without CFG: every rank computes its one branch
+            return self.fn_ref.original_forward(*args, **kwargs)
         if name in self.pending:
             raise RuntimeError(f"CFG parallelism: two {name!r} calls without the other branch between them; this "
-                               "pipeline does not alternate cond/uncond calls every step (CFG truncation?)")
+                               "pipeline call stopped alternating cond/uncond calls after its first step (CFG "
+                               "truncation?), which parallel=dict(cfg=2) cannot split (the next call starts afresh)")
         if name == self.mine:
             output = self.fn_ref.original_forward(*args, **kwargs)
             self.pending[name] = _sample(output)
@@ -76,15 +96,23 @@ class CfgParallelHook(ModelHook):
             self.pending.clear()
         return output
 
+    def _known(self, split: bool) -> None:
+        """The call's first step showed its topology: both branches (from now on each half runs its own,
+        and drops the cache state of the other's first step) or one (every rank keeps running it)."""
+        self.split = split
+        if split:
+            theirs = BRANCHES[1 - self.comm.rank]
+            for cache, _ in self.caches:
+                cache.states._state_cache.pop(theirs, None)
+
     def _batched(self, module, args, kwargs):
         """One call carries both branches in its batch: each rank computes its half. Batched inputs
         are tensors whose first dim is the batch, or per-sample lists (Z-Image)."""
         names = _param_names(module)
         latents = kwargs.get(names[0], args[0] if args else None)
         batch = len(latents) if isinstance(latents, (list, tuple)) else latents.shape[0]
-        if batch % 2:
-            raise RuntimeError(f"CFG parallelism: a call with no cond/uncond cache_context has batch {batch}, "
-                               "which does not split into the two CFG halves")
+        if batch % 2:  # no cond/uncond pair in it (a call without CFG): every rank computes the whole batch
+            return self.fn_ref.original_forward(*args, **kwargs)
         lo, hi = self.comm.rank * (batch // 2), (self.comm.rank + 1) * (batch // 2)
 
         def take(value):
