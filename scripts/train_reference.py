@@ -1,6 +1,7 @@
-"""Train cachedit's reference FLUX pipeline from scratch on scikit-learn's bundled digits (CPU, no downloads).
+"""Train cachedit's reference FLUX pipeline on scikit-learn's bundled digits (CPU, no downloads).
 
-    python scripts/train_reference.py --out cachedit/testing/reference_model [--minutes N] [--samples PNG]
+    python scripts/train_reference.py --out DIR [--minutes N] [--samples PNG]                  # from scratch
+    python scripts/train_reference.py --out DIR2 --finetune-from DIR --pad-lengths 24,64,128,256,512,512 ...
 
 The result is a standard ``diffusers.FluxPipeline`` folder (see :mod:`cachedit.testing.reference`):
 
@@ -32,8 +33,24 @@ consistent.
 time instead of the step count (only reproducible while the cap is not reached). ``--check-only`` skips training and
 re-runs the check (and ``--samples``) on the ``--out`` folder.
 
-The shipped model: defaults, 1 thread, 21.4 minutes to the saved folder (VAE 500 steps ~2 min, transformer 850 steps
-~19 min; ~1.13 s/step on an idle core, slower while the 2-core Xeon was shared), 22.8 minutes with the final check.
+Fine-tune phase (``--finetune-from DIR``): starts from the pipeline in ``DIR`` (its VAE and latent statistics are
+kept; the transformer and both text encoders are trained on, in the same style: rectified flow, prompt dropout, EMA,
+fresh AdamW, ``--warmup`` steps then cosine decay). ``--pad-lengths`` draws the T5 ``max_sequence_length`` of each
+step from the list (repeats weight it): ``FluxPipeline`` pads the prompt to that length (512 by default) and passes
+no attention mask, so a model trained on 24 tokens alone is swamped by ~490 pad tokens at diffusers' defaults. A
+step at length L takes ``batch * (24 + 64) / (L + 64)`` samples (64 image tokens): the same token count, about the
+same cost.
+
+The shipped model is two phases, 1 thread each:
+
+1. from scratch, defaults (``--out DIR``): 21.4 minutes to the saved folder (VAE 500 steps ~2 min, transformer 850
+   steps ~19 min; ~1.13 s/step on an idle core, slower while the 2-core Xeon was shared), 22.8 minutes with the
+   final check;
+2. ``--out DIR2 --finetune-from DIR --pad-lengths 24,64,128,256,512,512 --steps 400 --lr 4e-4 --warmup 20
+   --minutes 25 --no-eval``: 21.8 minutes to the saved folder (400 steps, ~3.2 s/step on the 2-core Xeon shared by
+   4 jobs; the 25-minute cap was not reached, so the schedule followed the step count). ``training.json`` records
+   both phases. ``DIR`` was the phase-1 folder as shipped in commit da6c71c (``git archive da6c71c
+   cachedit/testing/reference_model``).
 """
 
 from __future__ import annotations
