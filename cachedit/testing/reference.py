@@ -38,8 +38,8 @@ digits recognised out of 40:
 The plain call above for ``"a handwritten digit 7"`` (every argument but the size at diffusers' defaults: T5 length
 512, 28 steps), seeds 0-19: 20/20 recognised with ``negative_prompt="", true_cfg_scale=2``, 18/20 without CFG.
 
-(Before the fine-tune: 39 and 35 at length 24 and 28 steps; 1/20 for that call with CFG.) The relative L1 change of the first block's output residual between consecutive steps has a median of
-0.14 (16 steps; 0.39 with random weights).
+(Before the fine-tune: 39 and 35 at length 24 and 28 steps; 1/20 for that call with CFG.) The relative L1 change of
+the first block's output residual between consecutive steps has a median of 0.14 (16 steps; 0.39 with random weights).
 
 Reproduce with ``scripts/train_reference.py``: from scratch, then the fine-tune (commands in its docstring).
 """
