@@ -1,6 +1,7 @@
-"""Train cachedit's reference FLUX pipeline from scratch on scikit-learn's bundled digits (CPU, no downloads).
+"""Train cachedit's reference FLUX pipeline on scikit-learn's bundled digits (CPU, no downloads).
 
-    python scripts/train_reference.py --out cachedit/testing/reference_model [--minutes N] [--samples PNG]
+    python scripts/train_reference.py --out DIR [--minutes N] [--samples PNG]                  # from scratch
+    python scripts/train_reference.py --out DIR2 --finetune-from DIR --pad-lengths 24,64,128,256,512,512 ...
 
 The result is a standard ``diffusers.FluxPipeline`` folder (see :mod:`cachedit.testing.reference`):
 
@@ -32,8 +33,24 @@ consistent.
 time instead of the step count (only reproducible while the cap is not reached). ``--check-only`` skips training and
 re-runs the check (and ``--samples``) on the ``--out`` folder.
 
-The shipped model: defaults, 1 thread, 21.4 minutes to the saved folder (VAE 500 steps ~2 min, transformer 850 steps
-~19 min; ~1.13 s/step on an idle core, slower while the 2-core Xeon was shared), 22.8 minutes with the final check.
+Fine-tune phase (``--finetune-from DIR``): starts from the pipeline in ``DIR`` (its VAE and latent statistics are
+kept; the transformer and both text encoders are trained on, in the same style: rectified flow, prompt dropout, EMA,
+fresh AdamW, ``--warmup`` steps then cosine decay). ``--pad-lengths`` draws the T5 ``max_sequence_length`` of each
+step from the list (repeats weight it): ``FluxPipeline`` pads the prompt to that length (512 by default) and passes
+no attention mask, so a model trained on 24 tokens alone is swamped by ~490 pad tokens at diffusers' defaults. A
+step at length L takes ``batch * (24 + 64) / (L + 64)`` samples (64 image tokens): the same token count, about the
+same cost.
+
+The shipped model is two phases, 1 thread each:
+
+1. from scratch, defaults (``--out DIR``): 21.4 minutes to the saved folder (VAE 500 steps ~2 min, transformer 850
+   steps ~19 min; ~1.13 s/step on an idle core, slower while the 2-core Xeon was shared), 22.8 minutes with the
+   final check;
+2. ``--out DIR2 --finetune-from DIR --pad-lengths 24,64,128,256,512,512 --steps 400 --lr 4e-4 --warmup 20
+   --minutes 25 --no-eval``: 21.8 minutes to the saved folder (400 steps, ~3.2 s/step on the 2-core Xeon shared by
+   4 jobs; the 25-minute cap was not reached, so the schedule followed the step count). ``training.json`` records
+   both phases. ``DIR`` was the phase-1 folder as shipped in commit da6c71c (``git archive da6c71c
+   cachedit/testing/reference_model``).
 """
 
 from __future__ import annotations
@@ -140,13 +157,21 @@ def train_vae(vae: diffusers.AutoencoderKL, images: torch.Tensor, steps: int, ba
     vae.eval()
 
 
-def encode_prompts(pipe: diffusers.FluxPipeline) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def encode_prompts(
+    pipe: diffusers.FluxPipeline, max_sequence_length: int = MAX_SEQUENCE_LENGTH
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(11, T, D) prompt embeddings, (11, D') pooled embeddings (10 digits, then ""), (T, 3) text ids (with grads)."""
     prompts = [digit_prompt(d) for d in range(10)] + [""]
     embeds, pooled, text_ids = pipe.encode_prompt(
-        prompt=prompts, prompt_2=None, device="cpu", max_sequence_length=MAX_SEQUENCE_LENGTH
+        prompt=prompts, prompt_2=None, device="cpu", max_sequence_length=max_sequence_length
     )
     return embeds, pooled, text_ids
+
+
+def batch_for_length(batch: int, length: int, image_tokens: int) -> int:
+    """Samples per step at T5 length ``length``: the same number of tokens as ``batch`` samples of the native
+    ``MAX_SEQUENCE_LENGTH``, so that a step costs about the same whatever the padding."""
+    return max(1, round(batch * (MAX_SEQUENCE_LENGTH + image_tokens) / (length + image_tokens)))
 
 
 def train_transformer(
@@ -159,6 +184,8 @@ def train_transformer(
     lr: float,
     minutes: float | None,
     seed: int,
+    pad_lengths: tuple[int, ...] = (MAX_SEQUENCE_LENGTH,),
+    warmup: int = 100,
 ) -> torch.nn.Module:
     transformer = pipe.transformer
     # Trained jointly (in eval mode: no dropout): the frozen random encoders give the 10 digit prompts pooled CLIP
@@ -181,17 +208,23 @@ def train_transformer(
         progress = step / steps if budget is None else max(step / steps, (time.time() - t0) / budget)
         if progress >= 1.0:
             break
-        cur_lr = lr * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+        cur_lr = lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
         for group in opt.param_groups:
             group["lr"] = cur_lr
-        idx = torch.randint(n, (batch,), generator=gen)
+        # Padding-length augmentation: FluxPipeline pads the T5 prompt to max_sequence_length (512 by default) and
+        # passes no attention mask, so the model must give the same digits whatever the number of pad tokens.
+        length = pad_lengths[0]
+        if len(pad_lengths) > 1:
+            length = pad_lengths[int(torch.randint(len(pad_lengths), (1,), generator=gen))]
+        n_batch = batch_for_length(batch, length, packed.shape[1])
+        idx = torch.randint(n, (n_batch,), generator=gen)
         cond = labels[idx].clone()
-        cond[torch.rand(batch, generator=gen) < 0.1] = 10  # prompt dropout -> ""
-        embeds, pooled, text_ids = encode_prompts(pipe)  # 11 short prompts: negligible cost
+        cond[torch.rand(n_batch, generator=gen) < 0.1] = 10  # prompt dropout -> ""
+        embeds, pooled, text_ids = encode_prompts(pipe, length)  # 11 prompts, tiny encoders: negligible cost
         x0 = packed[idx]
         noise = torch.randn(x0.shape, generator=gen)
-        s = torch.sigmoid(torch.randn(batch, generator=gen))  # logit-normal(0, 1)
-        s = torch.where(torch.rand(batch, generator=gen) < 0.1, torch.rand(batch, generator=gen), s)  # + 10% uniform
+        s = torch.sigmoid(torch.randn(n_batch, generator=gen))  # logit-normal(0, 1)
+        s = torch.where(torch.rand(n_batch, generator=gen) < 0.1, torch.rand(n_batch, generator=gen), s)  # + 10% unif.
         xt = (1 - s[:, None, None]) * x0 + s[:, None, None] * noise
         pred = transformer(
             hidden_states=xt,
@@ -214,7 +247,7 @@ def train_transformer(
                 p_ema.lerp_(p, 1 - decay)
         loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
         if step % 50 == 0:
-            log(f"dit step {step:5d} loss {loss_avg:.4f} lr {cur_lr:.2e} ({time.time() - t0:.0f}s)")
+            log(f"dit step {step:5d} loss {loss_avg:.4f} lr {cur_lr:.2e} T5 length {length} ({time.time() - t0:.0f}s)")
         step += 1
     log(f"dit done: {step} steps, final loss (avg) {loss_avg:.4f}, {time.time() - t0:.0f}s")
     ema.eval()
@@ -222,8 +255,21 @@ def train_transformer(
 
 
 @torch.no_grad()
-def generate(pipe: diffusers.FluxPipeline, digits: list[int], seed: int, steps: int = 28, **extra) -> torch.Tensor:
-    kwargs = reference_call_kwargs(steps, seed, **extra)
+def generate(
+    pipe: diffusers.FluxPipeline,
+    digits: list[int],
+    seed: int,
+    steps: int = 28,
+    *,
+    true_cfg_scale: float = 2.0,
+    max_sequence_length: int | None = MAX_SEQUENCE_LENGTH,
+) -> torch.Tensor:
+    """Samples with :func:`reference_call_kwargs`; ``max_sequence_length=None`` leaves diffusers' default (512)."""
+    kwargs = reference_call_kwargs(steps, seed, true_cfg_scale=true_cfg_scale)
+    if max_sequence_length is None:
+        del kwargs["max_sequence_length"]
+    else:
+        kwargs["max_sequence_length"] = max_sequence_length
     return pipe(prompt=[digit_prompt(d) for d in digits], **kwargs).images
 
 
@@ -254,6 +300,17 @@ def save_grid(pipe: diffusers.FluxPipeline, path: Path, seeds=(0, 1, 2), scale: 
     log(f"wrote {path} ({image.size[0]}x{image.size[1]})")
 
 
+def log_sizes(pipe: diffusers.FluxPipeline, images: torch.Tensor) -> None:
+    log(f"data: {tuple(images.shape)}; params: " + ", ".join(
+        f"{name} {sum(p.numel() for p in module.parameters()) / 1e6:.3f}M"
+        for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)
+    ))
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(","))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="pipeline folder to write")
@@ -267,6 +324,13 @@ def main() -> None:
     parser.add_argument("--samples", type=Path, default=None, help="also write a PNG grid of samples here")
     parser.add_argument("--no-eval", action="store_true", help="skip the accuracy check with the real pipeline")
     parser.add_argument("--check-only", action="store_true", help="no training: check (and --samples) the --out folder")
+    parser.add_argument("--finetune-from", type=Path, default=None,
+                        help="start from this pipeline folder (its VAE is kept) instead of training from scratch")
+    parser.add_argument("--pad-lengths", type=_ints, default=(MAX_SEQUENCE_LENGTH,),
+                        help="T5 max_sequence_length values drawn per step, e.g. 24,64,128,256,512")
+    parser.add_argument("--warmup", type=int, default=100, help="learning-rate warmup steps of the transformer phase")
+    parser.add_argument("--check-seeds", type=_ints, default=(0, 1, 2, 3), help="seeds of the accuracy check")
+    parser.add_argument("--check-steps", type=_ints, default=(28, 12), help="inference steps of the accuracy check")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -274,26 +338,29 @@ def main() -> None:
         check(args)
         return
     start = time.time()
-    pipe = build_pipeline(args.seed)
     images, labels = digit_images()
-    log(f"data: {tuple(images.shape)}; params: " + ", ".join(
-        f"{name} {sum(p.numel() for p in module.parameters()) / 1e6:.3f}M"
-        for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)
-    ))
-
-    train_vae(pipe.vae, images, args.vae_steps, 32, args.seed + 1)
+    if args.finetune_from is None:
+        pipe = build_pipeline(args.seed)
+        log_sizes(pipe, images)
+        train_vae(pipe.vae, images, args.vae_steps, 32, args.seed + 1)
+    else:
+        pipe = diffusers.FluxPipeline.from_pretrained(str(args.finetune_from), local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+        log_sizes(pipe, images)
     with torch.no_grad():
         latents = torch.cat([pipe.vae.encode(chunk).latent_dist.mode() for chunk in images.split(256)])
         rec = torch.cat([pipe.vae.decode(chunk).sample for chunk in latents.split(256)])
-    shift = latents.mean().item()
-    scale = 1.0 / (latents - shift).std().item()
-    pipe.vae.register_to_config(scaling_factor=scale, shift_factor=shift)
+    if args.finetune_from is None:
+        shift = latents.mean().item()
+        scale = 1.0 / (latents - shift).std().item()
+        pipe.vae.register_to_config(scaling_factor=scale, shift_factor=shift)
+    shift, scale = pipe.vae.config.shift_factor, pipe.vae.config.scaling_factor
     log(f"vae: reconstruction MSE {F.mse_loss(rec, images).item():.4f}; latent shift {shift:.4f} scale {scale:.4f}")
     latents = (latents - shift) * scale
 
     ema = train_transformer(
         pipe, latents, labels, steps=args.steps, batch=args.batch, lr=args.lr, minutes=args.minutes,
-        seed=args.seed + 2,
+        seed=args.seed + 2, pad_lengths=args.pad_lengths, warmup=args.warmup,
     )
     for name, module in ema.items():
         getattr(pipe, name).load_state_dict(module.state_dict())
@@ -304,11 +371,18 @@ def main() -> None:
     pipe.save_pretrained(args.out, safe_serialization=True)
     size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
     log(f"saved {args.out} ({size / 2**20:.2f} MiB); training took {train_time / 60:.1f} min")
-    (args.out / "training.json").write_text(json.dumps(dict(
+    record = dict(
         command="python scripts/train_reference.py " + " ".join(sys.argv[1:]),
-        threads=args.threads, steps=args.steps, batch=args.batch, lr=args.lr, vae_steps=args.vae_steps,
-        seed=args.seed, minutes_cap=args.minutes, wall_clock_minutes=round(train_time / 60, 1),
-    ), indent=2) + "\n")
+        threads=args.threads, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
+        minutes_cap=args.minutes, wall_clock_minutes=round(train_time / 60, 1),
+    )
+    if args.finetune_from is None:
+        record.update(vae_steps=args.vae_steps)
+    else:
+        record.update(pad_lengths=list(args.pad_lengths), warmup=args.warmup)
+        previous = args.finetune_from / "training.json"
+        record["finetuned_from"] = json.loads(previous.read_text()) if previous.is_file() else str(args.finetune_from)
+    (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
 
     check(args)
 
@@ -319,10 +393,13 @@ def check(args) -> None:
     reloaded.set_progress_bar_config(disable=True)
     if not args.no_eval:
         clf = digit_classifier()
-        for steps in (28, 12):
-            for cfg in (2.0, 1.0):
-                acc = evaluate(reloaded, clf, steps=steps, true_cfg_scale=cfg)
-                log(f"accuracy, {steps} steps, true CFG {cfg}: {acc:.3f}")
+        for length in (MAX_SEQUENCE_LENGTH, None):  # None: diffusers' default, 512
+            for steps in args.check_steps:
+                for cfg in (2.0, 1.0):
+                    acc = evaluate(
+                        reloaded, clf, args.check_seeds, steps, true_cfg_scale=cfg, max_sequence_length=length
+                    )
+                    log(f"accuracy, T5 length {length or 'default'}, {steps} steps, true CFG {cfg}: {acc:.3f}")
     if args.samples is not None:
         save_grid(reloaded, args.samples)  # reference_call_kwargs(): 28 steps, true CFG 2.0
 
