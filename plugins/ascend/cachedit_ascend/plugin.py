@@ -85,7 +85,7 @@ def cachedit_register_backends(registry):
 
 @hookimpl
 def cachedit_attention_kernels(backend):
-    if backend.name != NAME or not probe()[0]:
+    if not probe()[0]:
         return None
     if device_name().startswith("Ascend310"):
         return []  # npu_fusion_attention is documented for Atlas A2/A3 training/inference series
@@ -100,12 +100,12 @@ def cachedit_attention_kernels(backend):
 @hookimpl
 def cachedit_communicator(backend, group):
     """HCCL takes the core's collectives as they are (float8 exchanged as bytes)."""
-    return Communicator(group) if backend.name == NAME else None
+    return Communicator(group)
 
 
 @hookimpl
 def cachedit_quantized_linear(backend, spec):
-    if backend.name != NAME or not probe()[0]:
+    if not probe()[0]:
         return None
     from .quant import path_for
 
@@ -114,8 +114,6 @@ def cachedit_quantized_linear(backend, spec):
 
 @hookimpl
 def cachedit_compile_options(backend, target):
-    if backend.name != NAME:
-        return None
     cfg = target.config
     options = {"dynamic": False if cfg.dynamic is None else cfg.dynamic, "fuse_qkv": True}  # one q/k/v GEMM
     name, _ = compile_backend(cfg.mode)
