@@ -223,8 +223,9 @@ class PluginManager:
     # -- loading ---------------------------------------------------------------------------
     def load_entry_points(self, entry_points: Iterable[Any] | None = None) -> None:
         """Import and register every selected plugin, each asked for its backends as it registers."""
-        if entry_points is None:
-            entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+        if entry_points is None:  # every distribution's, as pluggy reads them: `entry_points()` hides same-name ones
+            entry_points = [ep for dist in importlib.metadata.distributions() for ep in dist.entry_points
+                            if ep.group == ENTRY_POINT_GROUP]
         by_name: dict[str, list] = {}
         for ep in entry_points:
             by_name.setdefault(ep.name, []).append(ep)
