@@ -276,11 +276,14 @@ def write(rows: list[dict], out: Path, meta: dict) -> None:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", default="reference", help="'reference' (built in), 'tiny' (random FLUX) or a folder")
-    p.add_argument("--steps", type=int, default=28)
-    p.add_argument("--repeats", type=int, default=3)
+    from .arguments import model_source, positive_int, writable_dir
+
+    p.add_argument("--model", default="reference", type=model_source("reference", "tiny"),
+                   help="'reference' (built in), 'tiny' (random FLUX) or a folder")
+    p.add_argument("--steps", type=positive_int, default=28)
+    p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--prompts", nargs="+", default=None, help="default: digits 0-9 prompts for the reference model")
-    p.add_argument("--out", default="bench/out/frontier")
+    p.add_argument("--out", default="bench/out/frontier", type=writable_dir)
 
 
 def model_and_call(model: str):
