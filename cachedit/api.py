@@ -169,7 +169,8 @@ def _check_compile_options(backend: Backend, family: str, config: CompileConfig)
     try:
         torch.compile(_identity, **options)
     except Exception as exc:
-        field = "backend" if type(exc).__name__ == "InvalidBackend" else "mode" if "mode" in str(exc) else "options"
+        field = ("backend" if type(exc).__name__ == "InvalidBackend" else
+                 "mode" if str(exc).startswith("Unrecognized mode") else "options")
         raise ValueError(f"CompileConfig.{field}: torch.compile refuses {options} (the user's config merged with "
                          f"backend {backend.name!r}'s defaults): {str(exc)[:300]}") from None
 
