@@ -136,8 +136,9 @@ def run(args) -> int:
         backend = manager().resolve(args.device)
         cache, parallel, quantize = cache_config(args), parallel_config(args, world), quant_config(args.quantize)
         check_world_size(parallel, args.parallel, world)
-        coerce(cache, CacheConfig, "cache"), coerce(parallel, ParallelConfig, "parallel")
-        coerce(quantize, QuantConfig, "quantize")
+        for value, cls, name in ((cache, CacheConfig, "cache"), (parallel, ParallelConfig, "parallel"),
+                                 (quantize, QuantConfig, "quantize")):
+            coerce(value, cls, name)  # the configs' own checks, before the model loads
     except ValueError as exc:  # cachedit's validation: a ValueError naming the field
         raise UserError(str(exc)) from None
     if world > 1 and not torch.distributed.is_initialized():
