@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -130,8 +131,13 @@ def _validate(pipe, backend: Backend, cache, parallel, quantize, compile_cfg, at
             dtype = param.dtype if param is not None else torch.float32
             select_kernel(kernels, attention, dtype, head_dim or 64)
         if cache is not None:
-            for stack in adapters[name].stacks(t):
-                cache.check_blocks(len(stack))
+            cache.check_stacks([len(stack) for stack in adapters[name].stacks(t)], f"pipe.{name}")
+        already = _diffusers_cache(t)
+        if already is not None:
+            raise ValueError(f"pipe.{name} already runs diffusers' own cache ({already}); cachedit would stack "
+                             f"its hooks on top of it; call pipe.{name}.disable_cache() first")
+        if compile_cfg is not None:
+            _check_compile_options(backend, adapters[name].family, compile_cfg)
     if parallel is not None and parallel.tensor > 1 and quantize is not None:  # it would swap the sharded linears
         raise ValueError(f"ParallelConfig.tensor={parallel.tensor} with quantize= is not supported; allowed: "
                          "quantize=None when tensor > 1 (or tensor=1 with quantize)")
@@ -153,6 +159,37 @@ def _validate(pipe, backend: Backend, cache, parallel, quantize, compile_cfg, at
             if not quantizable(t, quantize):
                 raise ValueError(f"quantize.exclude={quantize.exclude} leaves no nn.Linear of pipe.{name} to quantize")
     return adapters
+
+
+def _diffusers_cache(transformer: nn.Module) -> str | None:
+    """The diffusers cache already on `transformer` (`enable_cache`, or a cache hook applied directly), or None."""
+    config = getattr(transformer, "_cache_config", None)
+    if config is not None:
+        return type(config).__name__
+    for module in transformer.modules():
+        for hook in getattr(getattr(module, "_diffusers_hook", None), "hooks", {}).values():
+            where = type(hook).__module__
+            if where.startswith("diffusers.hooks.") and ("cache" in where or "broadcast" in where):
+                return type(hook).__name__
+    return None
+
+
+def _check_compile_options(backend: Backend, family: str, config: CompileConfig) -> None:
+    """Let torch.compile itself check the merged options on a stand-in function (it checks the backend,
+    mode and inductor options when called, compiling nothing), so a bad one fails before any change."""
+    options = manager().compile_options(backend, CompileTarget("transformer_block", family, config))
+    options.pop("fuse_qkv", None)
+    try:
+        torch.compile(_identity, **options)
+    except Exception as exc:
+        field = ("backend" if type(exc).__name__ == "InvalidBackend" else
+                 "mode" if str(exc).startswith("Unrecognized mode") else "options")
+        raise ValueError(f"CompileConfig.{field}: torch.compile refuses {options} (the user's config merged with "
+                         f"backend {backend.name!r}'s defaults): {str(exc)[:300]}") from None
+
+
+def _identity(x):
+    return x
 
 
 def _attention_modules(transformer: nn.Module) -> list[nn.Module]:
@@ -353,7 +390,7 @@ def summary(pipe) -> dict[str, Any]:
     state: _Applied | None = getattr(pipe, STATE_ATTR, None)
     if state is None:
         return {"accelerated": False}
-    return {
+    return copy.deepcopy({  # copies: editing the report cannot change a frozen config or a live hook
         "accelerated": True,
         "backend": state.backend.name,
         "plugin": state.backend.plugin,
@@ -377,4 +414,4 @@ def summary(pipe) -> dict[str, Any]:
             "kept_in_float": {n: q.kept_in_float for n, q in state.quantized.items()},
             "fallbacks": {n: dict(q.fallbacks) for n, q in state.quantized.items()},
             "weight_bytes": {n: weight_bytes(getattr(pipe, n)) for n in state.quantized}},
-    }
+    })

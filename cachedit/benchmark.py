@@ -16,13 +16,16 @@ from .benchmarking.report import headline, headline_text, markdown
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", default="reference", help="'reference' (built in), 'tiny' (random FLUX) or a folder")
-    p.add_argument("--steps", type=int, default=28)
-    p.add_argument("--repeats", type=int, default=3, help="timed pairs (plain, accelerated) per prompt")
+    from .arguments import model_source, positive_int, writable_dir
+
+    p.add_argument("--model", default="reference", type=model_source("reference", "tiny", "flux9"),
+                   help="'reference' (built in), 'flux9' (random 9-block FLUX), 'tiny' (random FLUX) or a folder")
+    p.add_argument("--steps", type=positive_int, default=28)
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed pairs (plain, accelerated) per prompt")
     p.add_argument("--prompts", nargs="+", default=None, help="default: digits 0-9 prompts for the reference model")
     p.add_argument("--no-cfg", action="store_true", help="reference model: no true CFG (one call per step)")
     p.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="process CPU time (default) or wall time")
-    p.add_argument("--out", default="bench/out/frontier")
+    p.add_argument("--out", default="bench/out/frontier", type=writable_dir)
 
 
 def run(args) -> int:

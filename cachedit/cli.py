@@ -9,6 +9,8 @@ import os
 import sys
 import warnings
 
+from .arguments import UserError, model_source, positive_int, writable_dir, writable_file
+
 # Messages of other libraries that say nothing to a cachedit user, silenced for the command line only
 # (never on `import cachedit`): torchao's CUDA-only kernels that cannot load on a CPU, torch's notice about
 # torchao registering enums, diffusers' torchao serialisation notice, transformers' torchvision fallbacks.
@@ -30,6 +32,14 @@ def quiet_third_party() -> None:
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, like every other user error (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -82,14 +92,15 @@ def cmd_conformance(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cachedit", description=__doc__)
+    quiet_third_party()  # first: building the parser imports the libraries that talk
+    parser = _Parser(prog="cachedit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("backends", help="list installed backends, their availability and load errors")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_backends)
     p = sub.add_parser("demo", help="run a pipeline plain and accelerated, print the comparison table")
-    p.add_argument("--steps", type=int, default=28)
-    p.add_argument("--out", default="out/demo")
+    p.add_argument("--steps", type=positive_int, default=28)
+    p.add_argument("--out", default="out/demo", type=writable_dir)
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("generate", help="generate one image, accelerated, and save it with a JSON record")
     from .generate import add_arguments, run as run_generate
@@ -102,11 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     bench_arguments(p)
     p.set_defaults(func=run_bench)
     p = sub.add_parser("calibrate", help="fit TeaCache's polynomial or MagCache's ratios from uncached runs")
-    p.add_argument("--model", default="reference", help="'reference', 'tiny' or a pipeline folder")
+    p.add_argument("--model", default="reference", type=model_source("reference", "tiny"),
+                   help="'reference', 'tiny' or a pipeline folder")
     p.add_argument("--policy", choices=["teacache", "magcache"], required=True)
-    p.add_argument("--steps", type=int, default=28)
-    p.add_argument("--runs", type=int, default=4, help="uncached runs (prompts cycle, seeds differ)")
-    p.add_argument("--out", default=None, help="write the options as JSON here")
+    p.add_argument("--steps", type=positive_int, default=28)
+    p.add_argument("--runs", type=positive_int, default=4, help="uncached runs (prompts cycle, seeds differ)")
+    p.add_argument("--out", default=None, type=writable_file, help="write the options as JSON here")
     p.set_defaults(func=cmd_calibrate)
     p = sub.add_parser("conformance", help="run the backend conformance suite against installed backends")
     p.add_argument("--backend", action="append", default=[], help="only this backend (repeatable)")
@@ -118,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-conformance", action="store_true", help="skip the conformance suite")
     p.set_defaults(func=lambda a: __import__("cachedit.doctor", fromlist=["main"]).main(a))
     args = parser.parse_args(argv)
-    quiet_third_party()
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UserError as exc:  # only user errors are one line; anything else is a bug and keeps its traceback
+        parser.exit(2, f"cachedit {args.command}: error: {exc}\n")
 
 
 if __name__ == "__main__":

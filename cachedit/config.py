@@ -6,8 +6,10 @@ when constructed, and `accelerate` checks the configs against each other and the
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import fnmatch
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,14 +26,24 @@ def _check_int(cls: str, name: str, value: Any, minimum: int, special: tuple = (
         _fail(cls, name, value, f"an integer >= {minimum}{extra}")
 
 
-def _check_number(cls: str, name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        _fail(cls, name, value, "a number >= 0")
+def _check_number(cls: str, name: str, value: Any, positive: bool = False) -> None:
+    """A finite real number >= 0 (> 0 when `positive`): NaN and inf are refused, they would silently
+    disable every comparison made with them."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+            value < 0 or (positive and value == 0):
+        _fail(cls, name, value, f"a finite number {'>' if positive else '>='} 0")
 
 
 def _check_choice(cls: str, name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
+    """One of `allowed`; where the choices are booleans, a bool (1 == True would slip through `in`)."""
+    is_bool_choice = any(isinstance(a, bool) for a in allowed)
+    if (is_bool_choice and value is not None and not isinstance(value, bool)) or value not in allowed:
         _fail(cls, name, value, ", ".join(repr(a) for a in allowed))
+
+
+def _check_sequence(cls: str, name: str, value: Any, allowed: str, kinds: tuple = (list, tuple)) -> None:
+    if not isinstance(value, kinds):
+        _fail(cls, name, value, allowed)
 
 
 CACHE_MODES = ("dbcache", "dbprune")
@@ -73,11 +85,12 @@ class CacheConfig:
         _check_int(n, "warmup_interval", self.warmup_interval, 1)
         _check_int(n, "max_cached_steps", self.max_cached_steps, 0, special=(-1,))
         _check_int(n, "max_continuous_cached_steps", self.max_continuous_cached_steps, 0, special=(-1,))
-        if self.max_accumulated_diff is not None:
-            _check_number(n, "max_accumulated_diff", self.max_accumulated_diff)
+        if self.max_accumulated_diff is not None:  # 0 would allow no accumulated change at all: refused
+            _check_number(n, "max_accumulated_diff", self.max_accumulated_diff, positive=True)
         _check_choice(n, "mode", self.mode, CACHE_MODES)
-        if isinstance(self.protected_blocks, (str, bytes)) or not all(
-                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.protected_blocks):
+        _check_sequence(n, "protected_blocks", self.protected_blocks, "a tuple of block indices >= 0",
+                        (list, tuple, set, frozenset, range))
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.protected_blocks):
             _fail(n, "protected_blocks", self.protected_blocks, "a tuple of block indices >= 0")
         object.__setattr__(self, "protected_blocks", tuple(sorted(set(self.protected_blocks))))
         from .cache.calibrators import CALIBRATORS  # the live registry: users may add their own
@@ -89,6 +102,8 @@ class CacheConfig:
         if isinstance(self.steps_mask, str):
             _check_choice(n, "steps_mask", self.steps_mask, MASK_POLICIES)
         elif self.steps_mask is not None:
+            _check_sequence(n, "steps_mask", self.steps_mask, f"None, one of {MASK_POLICIES}, or a non-empty "
+                            "list or tuple of 0/1")
             if not self.steps_mask or not all(m in (0, 1) and not isinstance(m, bool) for m in self.steps_mask):
                 _fail(n, "steps_mask", self.steps_mask, f"None, one of {MASK_POLICIES}, or a non-empty sequence of 0/1")
             object.__setattr__(self, "steps_mask", tuple(self.steps_mask))
@@ -96,8 +111,9 @@ class CacheConfig:
         from .cache.policies import POLICIES, make_policy  # the live registry: users may add their own
 
         _check_choice(n, "policy", self.policy, tuple(POLICIES))
-        if not isinstance(self.policy_options, dict):
+        if not isinstance(self.policy_options, dict) or not all(isinstance(k, str) for k in self.policy_options):
             _fail(n, "policy_options", self.policy_options, "a dict of the policy's options")
+        object.__setattr__(self, "policy_options", copy.deepcopy(self.policy_options))  # the caller's stays theirs
         if self.policy != "dbcache" and self.mode != "dbcache":
             _fail(n, "policy", self.policy, "'dbcache' when mode='dbprune' (pruning decides per block)")
         make_policy(self.policy, dict(self.policy_options)).check_config(self)
@@ -110,6 +126,20 @@ class CacheConfig:
         if bad:
             raise ValueError(f"CacheConfig.protected_blocks={self.protected_blocks} names blocks {bad} but the "
                              f"model has {num_blocks}; allowed: indices 0..{num_blocks - 1}")
+
+    def check_stacks(self, sizes: list[int], where: str) -> None:
+        """Check the config against the block stacks of one transformer (`where` names it): each stack
+        must fit Fn + Bn, and some stack must have a block the cache may skip, or it could never cache."""
+        for size in sizes:
+            self.check_blocks(size)
+        skippable = sum(len(set(range(self.Fn, size - self.Bn)) - (set(self.protected_blocks)
+                                                                    if self.mode == "dbprune" else set()))
+                        for size in sizes)
+        if sizes and not skippable:
+            raise ValueError(f"CacheConfig.Fn={self.Fn}, Bn={self.Bn}" + (f", protected_blocks={self.protected_blocks}"
+                             if self.mode == "dbprune" else "") + f" leave no block of {where} (stacks of "
+                             f"{sizes} blocks) that the cache may skip, so it could never cache; allowed: "
+                             f"Fn + Bn < {max(sizes)}")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "CacheConfig":
@@ -190,7 +220,7 @@ class QuantConfig:
         _check_choice("QuantConfig", "keep_original", self.keep_original, (False, True))
         if self.weight_only and self.scheme != "int8":
             _fail("QuantConfig", "weight_only", self.weight_only, "True only with scheme='int8'")
-        if isinstance(self.exclude, str) or not all(isinstance(p, str) for p in self.exclude):
+        if not isinstance(self.exclude, (list, tuple)) or not all(isinstance(p, str) for p in self.exclude):
             _fail("QuantConfig", "exclude", self.exclude, "a tuple of fnmatch patterns over module names")
         object.__setattr__(self, "exclude", tuple(self.exclude))
 
@@ -217,10 +247,11 @@ class CompileConfig:
         _check_choice("CompileConfig", "fuse_qkv", self.fuse_qkv, (None, False, True))
         _check_choice("CompileConfig", "fullgraph", self.fullgraph, (False, True))
         _check_choice("CompileConfig", "dynamic", self.dynamic, (None, False, True))
-        if self.backend is not None and not isinstance(self.backend, str):
+        if self.backend is not None and (not isinstance(self.backend, str) or not self.backend):
             _fail("CompileConfig", "backend", self.backend, "None or a torch.compile backend name")
-        if not isinstance(self.options, dict):
+        if not isinstance(self.options, dict) or not all(isinstance(k, str) for k in self.options):
             _fail("CompileConfig", "options", self.options, "a dict of inductor options")
+        object.__setattr__(self, "options", copy.deepcopy(self.options))  # the caller's dict stays theirs
         if self.mode is not None and self.options:
             _fail("CompileConfig", "options", self.options, "empty when mode is set (torch.compile takes one of them)")
 
@@ -242,8 +273,12 @@ def coerce(value: Any, cls: type, field_name: str):
     """Accept None, an instance, a dict of fields, True (defaults) or, where the config has presets, a preset name."""
     if value is None or value is False:
         return None
-    if isinstance(value, cls):
-        return value
+    if isinstance(value, cls):  # built again, so one changed with object.__setattr__ or by hand is rechecked
+        try:
+            return dataclasses.replace(value)
+        except AttributeError as exc:
+            raise ValueError(f"{field_name}: this {cls.__name__} lacks a field ({exc}); build it with "
+                             f"cachedit.{cls.__name__}(...)") from None
     if value is True:
         return cls()
     if isinstance(value, str) and hasattr(cls, "preset"):

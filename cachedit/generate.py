@@ -16,32 +16,36 @@ from pathlib import Path
 
 import torch
 
+from .arguments import UserError, finite_float, model_source, positive_int, writable_dir
+
 PARALLEL_MODES = ("none", "ulysses", "ring", "usp", "tp", "cfg")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="reference", help="a diffusers pipeline folder, or 'reference' (built in)")
+    p.add_argument("--model", default="reference", type=model_source("reference"),
+                   help="a diffusers pipeline folder, or 'reference' (built in)")
     p.add_argument("--prompt", default="a handwritten digit 7")
-    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--steps", type=positive_int, default=28)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="backend name or 'auto'")
     p.add_argument("--cache", default=None, help="a preset (fbcache, fast, balanced, quality) or 'none'")
     p.add_argument("--Fn", type=int, help="explicit DBCache: first blocks always computed")
     p.add_argument("--Bn", type=int, help="explicit DBCache: last blocks always computed")
-    p.add_argument("--threshold", type=float, help="explicit DBCache: residual diff threshold")
+    p.add_argument("--threshold", type=finite_float, help="explicit DBCache: residual diff threshold")
     p.add_argument("--warmup", type=int, help="explicit DBCache: warmup steps")
     p.add_argument("--calibrator", choices=["taylorseer", "foca"], help="forecast skipped residuals")
     p.add_argument("--parallel", choices=PARALLEL_MODES, default="none")
-    p.add_argument("--degree", type=int, default=None, help="ranks for the parallel mode (default: WORLD_SIZE)")
-    p.add_argument("--ulysses", type=int, default=None, help="usp: the Ulysses degree (the rest is Ring)")
-    p.add_argument("--tensor", type=int, default=None, help="ulysses / ring / usp: also split weights this many "
+    p.add_argument("--degree", type=positive_int, default=None, help="ranks for the parallel mode (default: "
+                   "WORLD_SIZE)")
+    p.add_argument("--ulysses", type=positive_int, default=None, help="usp: the Ulysses degree (the rest is Ring)")
+    p.add_argument("--tensor", type=positive_int, default=None, help="ulysses / ring / usp: also split weights this many "
                    "ways (hybrid mesh; --degree counts the context-parallel ranks only)")
     p.add_argument("--parallel-text-encoder", action="store_true", help="shard the text encoders over every rank")
     p.add_argument("--parallel-vae", action="store_true", help="split the VAE decode over every rank")
     p.add_argument("--attention", default=None, help="attention kernel name, or 'auto'")
     p.add_argument("--quantize", choices=["fp8", "int8", "int8-weight-only"], default=None)
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--out", default="out/generate", help="folder for the PNG and the JSON record")
+    p.add_argument("--out", default="out/generate", type=writable_dir, help="folder for the PNG and the JSON record")
 
 
 def cache_config(args) -> dict | str | None:
@@ -62,7 +66,7 @@ def parallel_config(args, world: int) -> dict | None:
     components = {k: True for k, on in (("text_encoder", args.parallel_text_encoder), ("vae", args.parallel_vae)) if on}
     tensor = args.tensor or 1
     if tensor > 1 and args.parallel not in ("ulysses", "ring", "usp"):
-        raise ValueError(f"--tensor={tensor} combines with --parallel ulysses / ring / usp (use --parallel tp alone)")
+        raise UserError(f"--tensor={tensor} combines with --parallel ulysses / ring / usp (use --parallel tp alone)")
     degree = args.degree or world // tensor
     if args.parallel == "ulysses":
         return {"ulysses": degree, "tensor": tensor, **components}
@@ -74,8 +78,27 @@ def parallel_config(args, world: int) -> dict | None:
         return {"cfg": degree, **components}
     ulysses = args.ulysses or 2
     if degree % ulysses:
-        raise ValueError(f"--ulysses={ulysses} must divide --degree={degree} for usp")
+        raise UserError(f"--ulysses={ulysses} must divide --degree={degree} for usp")
     return {"ulysses": ulysses, "ring": degree // ulysses, "tensor": tensor, **components}
+
+
+def check_world_size(parallel: dict | None, mode: str, world: int) -> None:
+    """The processes torchrun started must be exactly the plan's: a plan of one process would
+    silently run unsplit, one of fewer than started would leave ranks idle."""
+    if parallel is None:
+        if world > 1:
+            raise UserError(f"WORLD_SIZE={world} processes but --parallel none: every rank would compute the same "
+                            "image; pick a --parallel mode, or run one process")
+        return
+    from .config import ParallelConfig
+
+    size = ParallelConfig(**parallel).world_size
+    if size == 1:
+        raise UserError(f"--parallel {mode} splits nothing over WORLD_SIZE={world} process(es); run it under "
+                        "torchrun --nproc-per-node N (N >= 2), or drop --parallel")
+    if size != world:
+        raise UserError(f"--parallel {mode} with degrees {parallel} needs {size} processes, but WORLD_SIZE={world}; "
+                        f"run it under torchrun --nproc-per-node {size}")
 
 
 def quant_config(name: str | None) -> dict | None:
@@ -104,17 +127,29 @@ def call_kwargs(model: str, steps: int, seed: int) -> dict:
 
 def run(args) -> int:
     import cachedit
+    from .config import CacheConfig, ParallelConfig, QuantConfig, coerce
     from .plugins import manager
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    backend = manager().resolve(args.device)
+    try:  # everything the flags decide is checked before the model loads
+        backend = manager().resolve(args.device)
+        cache, parallel, quantize = cache_config(args), parallel_config(args, world), quant_config(args.quantize)
+        check_world_size(parallel, args.parallel, world)
+        for value, cls, name in ((cache, CacheConfig, "cache"), (parallel, ParallelConfig, "parallel"),
+                                 (quantize, QuantConfig, "quantize")):
+            coerce(value, cls, name)  # the configs' own checks, before the model loads
+    except ValueError as exc:  # cachedit's validation: a ValueError naming the field
+        raise UserError(str(exc)) from None
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend.dist_backend)
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=rank != 0)
-    cachedit.accelerate(pipe, device=backend.name, cache=cache_config(args), parallel=parallel_config(args, world),
-                        quantize=quant_config(args.quantize), compile=args.compile or None, attention=args.attention)
+    try:
+        cachedit.accelerate(pipe, device=backend.name, cache=cache, parallel=parallel, quantize=quantize,
+                            compile=args.compile or None, attention=args.attention)
+    except ValueError as exc:  # refused before anything changed: the flags do not fit this model
+        raise UserError(str(exc)) from None
     start = time.perf_counter()
     image = pipe(prompt=args.prompt, **call_kwargs(args.model, args.steps, args.seed))[0]
     seconds = time.perf_counter() - start

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import cachedit
-from cachedit.plugins import PluginError
+from cachedit.config import CompileConfig, CompileTarget
+from cachedit.quant.spec import QuantSpec
 
 from .conftest import make_distribution, run_python
 
@@ -113,15 +114,116 @@ def test_duplicate_backend_name_resolved_by_priority_with_warning(tmp_path):
     assert _records(run_python(LIST_BACKENDS, site2))["cpu_ref"]["plugin"] == "aaa_tie"
 
 
-def test_hook_implementation_that_raises_names_the_plugin(fresh_plugins):
+def test_extension_that_raises_is_named_recorded_and_ignored(fresh_plugins):
     class Faulty:
         @cachedit.hookimpl
         def cachedit_attention_kernels(self, backend):
             raise RuntimeError("kernel table corrupt")
 
     fresh_plugins.register(Faulty(), "faulty")
-    with pytest.raises(PluginError, match="plugin 'faulty' raised in cachedit_attention_kernels"):
-        fresh_plugins.attention_kernels(fresh_plugins.backends["cpu_ref"])
+    with pytest.warns(UserWarning, match="plugin 'faulty' is ignored: raised in cachedit_attention_kernels"):
+        kernels = fresh_plugins.attention_kernels(fresh_plugins.backends["cpu_ref"])
+    assert [k.name for k in kernels] == ["math", "torch_sdpa"]
+    assert "RuntimeError: kernel table corrupt" in fresh_plugins.failed["faulty"]
+
+
+# -- pluggy as pluggy: routing, historic registration, firstresult, tryfirst / trylast, wrappers ------------------
+OVERRIDE = cachedit.AttentionKernel(name="override", fn=lambda *a, **k: None, priority=7)
+
+
+class CpuRefOverride:
+    """Declares `cpu_ref` again, at a higher priority, with its own kernel and no other hook."""
+
+    @cachedit.hookimpl
+    def cachedit_register_backends(self, registry):
+        registry.add(cachedit.Backend(name="cpu_ref", device_type="cpu", dist_backend="gloo", priority=5))
+
+    @cachedit.hookimpl
+    def cachedit_attention_kernels(self, backend):
+        return [OVERRIDE]
+
+
+def test_overriding_plugin_serves_its_backend_alone(fresh_plugins):
+    from cachedit.parallel.communicator import Communicator
+
+    with pytest.warns(UserWarning, match="declared by several plugins; using 'override'"):
+        fresh_plugins.register(CpuRefOverride(), "override")  # historic: asked for its backends as it registers
+    backend = fresh_plugins.backends["cpu_ref"]
+    assert backend.plugin == "override"
+    # cpu_ref's own plugin is asked nothing about the backend it lost: no `math`, the default communicator
+    assert [k.name for k in fresh_plugins.attention_kernels(backend)] == ["override", "torch_sdpa"]
+    assert type(fresh_plugins.communicator(backend)) is Communicator
+    assert fresh_plugins.quantized_linear(backend, QuantSpec("int8", "row")) is None
+    # and the plugins that lost nothing keep their own answers
+    cuda = fresh_plugins.backends["cuda"]
+    assert type(fresh_plugins.communicator(cuda)).__name__ == "NcclCommunicator"
+
+
+def test_plugins_answer_only_for_their_own_backends(fresh_plugins):
+    """No plugin carries a name guard, and none is asked about another plugin's backend."""
+    import cachedit_cpu_ref.plugin as cpu_ref_plugin
+
+    cuda = fresh_plugins.backends["cuda"]
+    assert cpu_ref_plugin.cachedit_communicator(cuda, None) is not None  # it would answer, were it asked
+    assert type(fresh_plugins.communicator(cuda)).__name__ == "NcclCommunicator"
+    assert "math" not in {k.name for k in fresh_plugins.attention_kernels(cuda)}
+    assert type(fresh_plugins.communicator(fresh_plugins.backends["cpu_ref"])).__name__ == "GlooCommunicator"
+
+
+def test_firstresult_tryfirst_trylast_and_wrappers_follow_pluggy(fresh_plugins):
+    from cachedit.parallel.communicator import Communicator
+
+    class Mine(Communicator):
+        pass
+
+    class Late:
+        @cachedit.hookimpl(trylast=True)
+        def cachedit_communicator(self, backend, group):
+            return Mine(group)
+
+    class Early:
+        @cachedit.hookimpl(tryfirst=True)
+        def cachedit_communicator(self, backend, group):
+            return Mine(group)
+
+    class Wrapper:
+        @cachedit.hookimpl(wrapper=True)
+        def cachedit_compile_options(self, backend, target):
+            answers = yield
+            return [{"dynamic": True}, *answers]  # call order: first answers override later ones
+
+    cpu_ref = fresh_plugins.backends["cpu_ref"]
+    fresh_plugins.register(Late(), "late")
+    assert type(fresh_plugins.communicator(cpu_ref)).__name__ == "GlooCommunicator"  # the owner answers first
+    fresh_plugins.register(Early(), "early")
+    assert type(fresh_plugins.communicator(cpu_ref)) is Mine  # firstresult: the tryfirst answer wins alone
+    target = CompileTarget("transformer_block", "flux", CompileConfig())
+    assert fresh_plugins.compile_options(cpu_ref, target)["dynamic"] is False
+    fresh_plugins.register(Wrapper(), "wrapper")
+    assert fresh_plugins.compile_options(cpu_ref, target)["dynamic"] is True
+
+
+def test_misspelled_hook_is_reported_with_the_likely_name(fresh_plugins):
+    class Typo:
+        @cachedit.hookimpl
+        def cachedit_register_backends(self, registry):
+            registry.add(cachedit.Backend(name="typo_cpu", device_type="cpu", dist_backend="gloo"))
+
+        @cachedit.hookimpl
+        def cachedit_atention_kernels(self, backend):
+            return []
+
+    class Newer:
+        @cachedit.hookimpl(optionalhook=True)
+        def cachedit_hook_of_a_later_version(self, backend):
+            return []
+
+    with pytest.warns(UserWarning, match="unknown hook"):
+        fresh_plugins.register(Typo(), "typo")
+    assert "'cachedit_atention_kernels' (did you mean 'cachedit_attention_kernels'?)" in fresh_plugins.failed["typo"]
+    assert "typo_cpu" not in fresh_plugins.backends  # a failed plugin's backends go with it
+    fresh_plugins.register(Newer(), "newer")
+    assert "newer" not in fresh_plugins.failed
 
 
 @pytest.fixture(scope="module")

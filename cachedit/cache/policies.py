@@ -21,6 +21,8 @@ class and one `register_policy` call; nothing else changes.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +39,38 @@ class Probe:
     hidden_in: torch.Tensor  # the stack's input
     hidden: torch.Tensor  # the input of the first cacheable block (after the Fn blocks)
     modulated: torch.Tensor | None  # the first block's timestep-modulated input, where the adapter provides it
+
+
+def _option_error(policy: str, name: str, value, allowed: str) -> ValueError:
+    return ValueError(f"CacheConfig.policy_options[{name!r}]={value!r:.80} is invalid for policy {policy!r}; "
+                      f"allowed values: {allowed}")
+
+
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def finite_numbers(policy: str, name: str, value, positive: bool = False) -> tuple[float, ...]:
+    """A policy option that is a non-empty sequence of finite numbers (> 0 when `positive`), checked when
+    the config is built."""
+    allowed = f"a non-empty list of finite numbers{' > 0' if positive else ''}"
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__len__") or not len(value):
+        raise _option_error(policy, name, value, allowed)
+    if not all(_real(v) and (not positive or v > 0) for v in value):
+        raise _option_error(policy, name, value, allowed)
+    return tuple(float(v) for v in value)
+
+
+def finite_number(policy: str, name: str, value, low: float = 0.0, high: float = math.inf) -> float:
+    if not _real(value) or not low <= value <= high:
+        raise _option_error(policy, name, value, f"a finite number in [{low}, {high}]")
+    return float(value)
+
+
+def whole_number(policy: str, name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise _option_error(policy, name, value, f"an integer >= {low}")
+    return int(value)
 
 
 class Policy:
@@ -85,7 +119,7 @@ class TeaCache(Policy):
     needs_modulated_input = True
 
     def __init__(self, coefficients=None) -> None:
-        self.coefficients = tuple(float(c) for c in coefficients) if coefficients is not None else None
+        self.coefficients = None if coefficients is None else finite_numbers(self.name, "coefficients", coefficients)
 
     def observe(self, cache, st, probe):
         signal = probe.modulated if probe.modulated is not None else probe.hidden_in
@@ -112,9 +146,9 @@ class MagCache(Policy):
         if mag_ratios is None:
             raise ValueError("CacheConfig.policy_options['mag_ratios'] is required for policy 'magcache': calibrate "
                              "them once with `cachedit calibrate --policy magcache` (or cachedit.cache.calibrate)")
-        self.mag_ratios = np.asarray(mag_ratios, dtype=np.float64)
-        self.max_skip_steps = int(max_skip_steps)
-        self.retention_ratio = float(retention_ratio)
+        self.mag_ratios = np.asarray(finite_numbers(self.name, "mag_ratios", mag_ratios, positive=True))
+        self.max_skip_steps = whole_number(self.name, "max_skip_steps", max_skip_steps, 1)
+        self.retention_ratio = finite_number(self.name, "retention_ratio", retention_ratio, 0.0, 1.0)
 
     def ratio(self, step: int, num_steps: int | None) -> float:
         """The calibrated ratio at `step`, interpolated when the step count differs from the calibration's."""
@@ -174,8 +208,8 @@ class Forecast(Policy):
     name = "forecast"
 
     def __init__(self, order: int = 1, late_weight: float = 1.0) -> None:
-        self.order = int(order)
-        self.late_weight = float(late_weight)
+        self.order = whole_number(self.name, "order", order, 1)
+        self.late_weight = finite_number(self.name, "late_weight", late_weight)
 
     def check_config(self, config) -> None:
         if config.Fn < 1:

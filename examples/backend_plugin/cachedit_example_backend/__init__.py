@@ -44,8 +44,6 @@ def cachedit_register_backends(registry):
 
 @cachedit.hookimpl
 def cachedit_attention_kernels(backend):
-    if backend.name != NAME:
-        return None
     return [cachedit.AttentionKernel(
         name="chunked", fn=chunked_attention, dtypes=frozenset({torch.float32, torch.bfloat16}),
         head_dims=(8, 256), returns_lse=True, supports_mask=True, supports_causal=False, priority=50,

@@ -85,7 +85,7 @@ def cachedit_register_backends(registry):
 
 @hookimpl
 def cachedit_attention_kernels(backend):
-    if backend.name != NAME or not probe()[0]:
+    if not probe()[0]:
         return None
     from .attention import infer_attention_kernel
     from .device import is_atlas_a2_a3
@@ -99,12 +99,12 @@ def cachedit_attention_kernels(backend):
 @hookimpl
 def cachedit_communicator(backend, group):
     """HCCL takes the core's collectives as they are (float8 exchanged as bytes)."""
-    return Communicator(group) if backend.name == NAME else None
+    return Communicator(group)
 
 
 @hookimpl
 def cachedit_quantized_linear(backend, spec):
-    if backend.name != NAME or not probe()[0]:
+    if not probe()[0]:
         return None
     from .quant import path_for
 
@@ -113,8 +113,6 @@ def cachedit_quantized_linear(backend, spec):
 
 @hookimpl
 def cachedit_compile_options(backend, target):
-    if backend.name != NAME:
-        return None
     cfg = target.config
     options = {"dynamic": False if cfg.dynamic is None else cfg.dynamic, "fuse_qkv": True}  # one q/k/v GEMM
     name, _ = compile_backend(cfg.mode)

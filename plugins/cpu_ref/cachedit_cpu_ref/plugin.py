@@ -31,8 +31,6 @@ def cachedit_register_backends(registry):
 
 @hookimpl
 def cachedit_attention_kernels(backend):
-    if backend.name != NAME:
-        return None
     return [AttentionKernel(
         name="math", fn=math_attention, dtypes=frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16}),
         returns_lse=True, supports_mask=True, supports_causal=True, supports_gqa=True, priority=-200, exact=True,
@@ -44,17 +42,15 @@ def cachedit_attention_kernels(backend):
 
 @hookimpl
 def cachedit_communicator(backend, group):
-    return GlooCommunicator(group) if backend.name == NAME else None
+    return GlooCommunicator(group)
 
 
 @hookimpl
 def cachedit_quantized_linear(backend, spec):
-    return path_for(spec) if backend.name == NAME else None
+    return path_for(spec)
 
 
 @hookimpl
 def cachedit_compile_options(backend, target):
-    if backend.name != NAME:
-        return None
     # CPU inductor: C++/OpenMP codegen. Static shapes: a pipeline's shapes are fixed per call.
     return {"backend": "inductor", "dynamic": False if target.config.dynamic is None else target.config.dynamic}

@@ -58,8 +58,6 @@ def cachedit_register_backends(registry):
 
 @hookimpl
 def cachedit_attention_kernels(backend):
-    if backend.name != NAME:
-        return None
     if not probe()[0]:
         return []
     return attention.offered_kernels(device_capabilities())[0]
@@ -67,20 +65,18 @@ def cachedit_attention_kernels(backend):
 
 @hookimpl
 def cachedit_communicator(backend, group):
-    return NcclCommunicator(group) if backend.name == NAME else None
+    return NcclCommunicator(group)
 
 
 @hookimpl
 def cachedit_quantized_linear(backend, spec):
-    if backend.name != NAME or not probe()[0]:
+    if not probe()[0]:
         return None
     return quant.path_for(spec, device_capabilities())
 
 
 @hookimpl
 def cachedit_compile_options(backend, target):
-    if backend.name != NAME:
-        return None
     cfg = target.config
     # fuse_qkv: one q/k/v GEMM per attention where the model supports it (fewer, larger GEMMs)
     options = {"backend": "inductor", "dynamic": False if cfg.dynamic is None else cfg.dynamic, "fuse_qkv": True}
