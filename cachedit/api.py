@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from diffusers.hooks import ModelHook
 
-from . import hooks, lifecycle
+from . import config_file, hooks, lifecycle
 from .adapters import Adapter, adapter_for, transformers_of
 from .attention import TORCH_SDPA, AttentionRouter, needs_router, select_kernel
 from .cache.dbcache import apply_cache, remove_cache
@@ -206,8 +206,21 @@ def _invalidate_registry_cache(transformer: nn.Module) -> None:
 
 
 def accelerate(pipe, device: str = "auto", cache=None, parallel=None, quantize=None, compile=None,
-               attention: str | None = None):
-    """Make `pipe` faster in place and return it. Raises ValueError, with `pipe` untouched, on bad input."""
+               attention: str | None = None, config=None):
+    """Make `pipe` faster in place and return it. Raises ValueError, with `pipe` untouched, on bad input.
+
+    `config`: a YAML / JSON file or a dict with these same arguments (see `config_file`); arguments passed
+    here win over the file's. `cache` may also name a file holding cache fields alone (a tuned config)."""
+    if config is not None:
+        found = config_file.load(config)
+        device = found.get("device") or device if device == "auto" else device
+        cache = cache if cache is not None else found.get("cache")
+        parallel = parallel if parallel is not None else found.get("parallel")
+        quantize = quantize if quantize is not None else found.get("quantize")
+        compile = compile if compile is not None else found.get("compile")
+        attention = attention if attention is not None else found.get("attention")
+    if config_file.is_file_reference(cache):
+        cache = config_file.load_section(cache, CacheConfig, "cache")
     cache_cfg = coerce(cache, CacheConfig, "cache")
     parallel_cfg = coerce(parallel, ParallelConfig, "parallel")
     quant_cfg = coerce(quantize, QuantConfig, "quantize")

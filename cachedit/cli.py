@@ -1,4 +1,4 @@
-"""`cachedit backends | generate | bench | calibrate | conformance | doctor | demo`: the command line."""
+"""`cachedit backends | generate | bench | calibrate | config | conformance | doctor | demo`: the command line."""
 
 from __future__ import annotations
 
@@ -91,6 +91,19 @@ def cmd_conformance(args) -> int:
     return pytest.main(["--pyargs", "cachedit.testing.conformance", "-p", "no:cacheprovider", "-q", *extra])
 
 
+def cmd_config(args) -> int:
+    import yaml
+
+    from . import config_file
+
+    try:
+        found = config_file.load(args.config) if args.config else {}
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    print(yaml.safe_dump(config_file.dump(found), sort_keys=False).rstrip())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_third_party()  # first: building the parser imports the libraries that talk
     parser = _Parser(prog="cachedit", description=__doc__)
@@ -123,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("conformance", help="run the backend conformance suite against installed backends")
     p.add_argument("--backend", action="append", default=[], help="only this backend (repeatable)")
     p.set_defaults(func=cmd_conformance)
+    p = sub.add_parser("config", help="print the effective accelerate configuration of a config file (YAML)")
+    p.add_argument("--dump", action="store_true", help="print every field, defaults included (the default)")
+    p.add_argument("--config", default=None, help="a YAML / JSON file of accelerate's arguments")
+    p.set_defaults(func=cmd_config)
     p = sub.add_parser("doctor", help="check this machine's backends: kernels, quantized paths, timings, JSON out")
     p.add_argument("--out", default="out/doctor.json", help="write the report as JSON here")
     p.add_argument("--backend", action="append", default=[], help="only this backend (repeatable)")

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .arguments import UserError, finite_float, model_source, positive_int, writable_dir
+from .cache.calibrators import CALIBRATORS
 
 PARALLEL_MODES = ("none", "ulysses", "ring", "usp", "tp", "cfg")
 
@@ -28,12 +29,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=positive_int, default=28)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="backend name or 'auto'")
-    p.add_argument("--cache", default=None, help="a preset (fbcache, fast, balanced, quality) or 'none'")
+    p.add_argument("--cache", default=None, help="a preset (fbcache, fast, balanced, quality), 'none', or a "
+                   "YAML / JSON file of cache fields (e.g. a tuned config)")
+    p.add_argument("--config", default=None, help="a YAML / JSON file of accelerate's arguments (device, cache, "
+                   "parallel, quantize, compile, attention); flags given here win")
     p.add_argument("--Fn", type=int, help="explicit DBCache: first blocks always computed")
     p.add_argument("--Bn", type=int, help="explicit DBCache: last blocks always computed")
     p.add_argument("--threshold", type=finite_float, help="explicit DBCache: residual diff threshold")
     p.add_argument("--warmup", type=int, help="explicit DBCache: warmup steps")
-    p.add_argument("--calibrator", choices=["taylorseer", "foca"], help="forecast skipped residuals")
+    p.add_argument("--calibrator", choices=sorted(c for c in CALIBRATORS if c), help="forecast skipped residuals")
     p.add_argument("--parallel", choices=PARALLEL_MODES, default="none")
     p.add_argument("--degree", type=positive_int, default=None, help="ranks for the parallel mode (default: "
                    "WORLD_SIZE)")
@@ -133,8 +137,13 @@ def run(args) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     try:  # everything the flags decide is checked before the model loads
-        backend = manager().resolve(args.device)
+        from . import config_file
+
+        found = config_file.load(args.config) if args.config else {}
+        backend = manager().resolve(found.get("device") or args.device if args.device == "auto" else args.device)
         cache, parallel, quantize = cache_config(args), parallel_config(args, world), quant_config(args.quantize)
+        if config_file.is_file_reference(cache):
+            cache = config_file.load_section(cache, CacheConfig, "cache")
         check_world_size(parallel, args.parallel, world)
         for value, cls, name in ((cache, CacheConfig, "cache"), (parallel, ParallelConfig, "parallel"),
                                  (quantize, QuantConfig, "quantize")):
@@ -147,7 +156,7 @@ def run(args) -> int:
     pipe.set_progress_bar_config(disable=rank != 0)
     try:
         cachedit.accelerate(pipe, device=backend.name, cache=cache, parallel=parallel, quantize=quantize,
-                            compile=args.compile or None, attention=args.attention)
+                            compile=args.compile or None, attention=args.attention, config=args.config)
     except ValueError as exc:  # refused before anything changed: the flags do not fit this model
         raise UserError(str(exc)) from None
     start = time.perf_counter()

@@ -40,7 +40,7 @@ def test_dump_round_trips(tmp_path):
     effective = dump(load(CONFIG))
     path = tmp_path / "dumped.yaml"
     path.write_text(yaml.safe_dump(effective))
-    assert load(path) == load(CONFIG)
+    assert dump(load(path)) == effective
     assert effective["cache"]["warmup_steps"] == 2 and effective["quantize"] is None
 
 
@@ -76,3 +76,21 @@ def test_cache_argument_takes_a_file_of_cache_fields(tmp_path):
     pipe = tiny_pipeline("flux")
     cachedit.accelerate(pipe, device="cpu_ref", cache=str(path))
     assert cachedit.summary(pipe)["cache"]["config"]["calibrator"] == "taylorseer"
+
+
+def test_cli_config_dump_and_generate_with_a_config_file(tmp_path, capsys):
+    from cachedit.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"device": "cpu_ref", "cache": {"residual_diff_threshold": 0.3, "warmup_steps": 2}}))
+    assert main(["config", "--dump", "--config", str(path)]) == 0
+    dumped = yaml.safe_load(capsys.readouterr().out)
+    assert dumped["device"] == "cpu_ref" and dumped["cache"]["residual_diff_threshold"] == 0.3
+    assert dumped["cache"]["Fn"] == cachedit.CacheConfig().Fn  # defaults filled in: the effective config
+    assert main(["generate", "--config", str(path), "--steps", "6", "--out", str(tmp_path / "out")]) == 0
+    record = json.loads((tmp_path / "out" / "seed0_steps6.json").read_text())
+    assert record["summary"]["cache"]["config"]["residual_diff_threshold"] == 0.3
+    (tmp_path / "bad.yaml").write_text("cahce: {}\n")
+    with pytest.raises(SystemExit) as info:
+        main(["config", "--config", str(tmp_path / "bad.yaml")])
+    assert info.value.code == 2 and "unknown key(s) ['cahce']" in capsys.readouterr().err
