@@ -27,6 +27,14 @@ def _identifier(value) -> bool:
     return isinstance(value, str) and bool(value) and value.replace("_", "").replace("-", "").isalnum()
 
 
+def _dist_backend(value) -> bool:
+    """torch.distributed takes a backend name, or "device:backend" pairs joined by commas."""
+    if not isinstance(value, str):
+        return False
+    parts = [p.split(":") for p in value.split(",")]
+    return all(len(p) <= 2 and all(_identifier(x) for x in p) for p in parts)
+
+
 @dataclass(frozen=True)
 class Backend:
     """One backend as declared through `cachedit_register_backends`.
@@ -49,11 +57,15 @@ class Backend:
     plugin: str = ""
 
     def __post_init__(self) -> None:
-        for name in ("name", "device_type", "dist_backend"):
+        for name in ("name", "device_type"):
             if not _identifier(getattr(self, name)):
                 error = ValueError if isinstance(getattr(self, name), str) else TypeError
                 raise error(f"Backend.{name}={getattr(self, name)!r} is invalid; allowed values: a non-empty "
                                 "identifier string (letters, digits, '_', '-')")
+        if not _dist_backend(self.dist_backend):
+            raise ValueError(f"Backend.dist_backend={self.dist_backend!r} is invalid; allowed values: a "
+                             "torch.distributed backend name ('gloo', 'nccl', ...) or a device mapping such as "
+                             "'cpu:gloo,cuda:nccl'")
         if isinstance(self.priority, bool) or not isinstance(self.priority, int):
             raise TypeError(f"Backend.priority={self.priority!r} is invalid; allowed values: an int")
         if not callable(self.is_available):

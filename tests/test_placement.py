@@ -162,8 +162,7 @@ class _PlacementPlugin:
 
 @pytest.fixture
 def placement_backend(fresh_plugins):
-    fresh_plugins.register(_PlacementPlugin(), _PlacementPlugin.NAME)
-    fresh_plugins.collect_backends()
+    fresh_plugins.register(_PlacementPlugin(), _PlacementPlugin.NAME)  # the historic hook declares its backend
     return fresh_plugins.backends[_PlacementPlugin.NAME]
 
 
@@ -202,7 +201,6 @@ def _parallel_modes_on_rank(rank, world, modes):
 
     pm = cachedit.plugins.reload()
     pm.register(_PlacementPlugin(), _PlacementPlugin.NAME)
-    pm.collect_backends()
     out = {}
     for name, parallel in modes.items():
         pipe = tiny_pipeline("flux")
