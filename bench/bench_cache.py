@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
 
 from cachedit.cli import quiet_third_party
 from cachedit.benchmarking import cachedit_method, diffusers_method, model_and_call, run_bench, save_table
@@ -25,6 +24,8 @@ from cachedit.benchmarking.report import headline, headline_text, markdown
 
 
 def efficiency_methods():
+    from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
+
     methods = [*overhead_methods()]
     for t in (0.1, 0.2):
         methods += dbcache_pair(t, taylorseer=False) + dbcache_pair(t, taylorseer=True)
