@@ -212,13 +212,11 @@ def accelerate(pipe, device: str = "auto", cache=None, parallel=None, quantize=N
     `config`: a YAML / JSON file or a dict with these same arguments (see `config_file`); arguments passed
     here win over the file's. `cache` may also name a file holding cache fields alone (a tuned config)."""
     if config is not None:
-        found = config_file.load(config)
-        device = found.get("device") or device if device == "auto" else device
-        cache = cache if cache is not None else found.get("cache")
-        parallel = parallel if parallel is not None else found.get("parallel")
-        quantize = quantize if quantize is not None else found.get("quantize")
-        compile = compile if compile is not None else found.get("compile")
-        attention = attention if attention is not None else found.get("attention")
+        args = config_file.merge(config_file.load(config), device=device, cache=cache, parallel=parallel,
+                                 quantize=quantize, compile=compile, attention=attention)
+        device, cache, parallel, quantize, compile, attention = (
+            args[k] for k in ("device", "cache", "parallel", "quantize", "compile", "attention"))
+        device = device or "auto"
     if config_file.is_file_reference(cache):
         cache = config_file.load_section(cache, CacheConfig, "cache")
     cache_cfg = coerce(cache, CacheConfig, "cache")

@@ -70,6 +70,16 @@ def load(source: str | Path | dict) -> dict[str, Any]:
     return out
 
 
+def merge(found: dict[str, Any], **given: Any) -> dict[str, Any]:
+    """accelerate's arguments: those `given` explicitly win over the file's (`device="auto"` and None count
+    as not given)."""
+    out = dict(given)
+    for key, value in found.items():
+        if given.get(key) is None or (key == "device" and given.get(key) == "auto"):
+            out[key] = value
+    return out
+
+
 def is_file_reference(value: Any) -> bool:
     """A string naming a config file (rather than a preset name)."""
     return isinstance(value, (str, Path)) and str(value).lower().endswith(SUFFIXES)

@@ -140,7 +140,7 @@ def run(args) -> int:
         from . import config_file
 
         found = config_file.load(args.config) if args.config else {}
-        backend = manager().resolve(found.get("device") or args.device if args.device == "auto" else args.device)
+        backend = manager().resolve(config_file.merge(found, device=args.device)["device"] or "auto")
         cache, parallel, quantize = cache_config(args), parallel_config(args, world), quant_config(args.quantize)
         if config_file.is_file_reference(cache):
             cache = config_file.load_section(cache, CacheConfig, "cache")
