@@ -3,7 +3,8 @@
     python bench/bench_cache.py [--model reference] [--steps 28] [--repeats 3] [--prompts 10] [--out bench/out/cache]
 
 Three parts, every time a median of paired ratios (plain, accelerated, plain, ...), CPU time:
-1. overhead: caches that never skip, on the reference model and on a 9-block FLUX (hidden 128);
+1. overhead: caches that never skip, cachedit's and the peers' (cache-dit, diffusers FirstBlockCache at
+   threshold 0), on a 9-block FLUX (hidden 128, random weights) and on the model (the reference by default);
 2. efficiency (true CFG, as the model is meant to run): measured / ideal speedup of cachedit's
    configurations and the peers' (cache-dit DBCache +-TaylorSeer, diffusers FirstBlockCache and
    TaylorSeerCache lite / full), ideal = executed transformer-block FLOPs;
@@ -19,7 +20,7 @@ import torch
 
 from cachedit.cli import quiet_third_party
 from cachedit.benchmarking import cachedit_method, diffusers_method, model_and_call, run_bench, save_table
-from cachedit.benchmarking.methods import dbcache_pair, overhead_methods
+from cachedit.benchmarking.methods import dbcache_pair, overhead_methods, peer_overhead_methods
 from cachedit.benchmarking.report import headline, headline_text, markdown
 
 
@@ -65,7 +66,8 @@ def main() -> None:
                      markdown(rows), ""])
 
     if "overhead" in parts:
-        part("overhead (9-block FLUX, hidden 128, random weights)", "flux9", overhead_methods())
+        for model in ("flux9", args.model):
+            part(f"overhead: {model}", model, overhead_methods() + peer_overhead_methods())
     if "efficiency" in parts:
         part("efficiency", args.model, efficiency_methods())
     if "parity" in parts:

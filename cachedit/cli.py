@@ -24,7 +24,7 @@ def quiet_third_party() -> None:
     """The command line prints its own output and progress, not other libraries' loading bars and notices."""
     for name in HARMLESS_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")  # the bench's peer logs every hook it installs
+    os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")  # the bench's peer logs every hook it installs and removes
     for category, message in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
     import diffusers.utils.logging

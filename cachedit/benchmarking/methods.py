@@ -80,6 +80,19 @@ def overhead_methods() -> list[Method]:
                             residual_diff_threshold=1e-9, warmup_steps=0, calibrator="taylorseer")]
 
 
+def peer_overhead_methods() -> list[Method]:
+    """The peers' caches at settings that never skip: their overhead next to cachedit's, on the same run.
+    cache-dit's row is named after cachedit's own threshold-0 row, so the headline pairs them."""
+    from diffusers import FirstBlockCacheConfig
+
+    never = cache_dit_method("cache-dit never skips: threshold 0", role="peer overhead", Fn_compute_blocks=1,
+                             Bn_compute_blocks=0, residual_diff_threshold=0, max_warmup_steps=0)
+    fbc = diffusers_method("diffusers FirstBlockCache never skips: threshold 0",
+                           lambda: FirstBlockCacheConfig(threshold=0.0), threshold=0.0)
+    fbc.role = "peer overhead"
+    return [m for m in (never, fbc) if m is not None]
+
+
 def default_methods(steps: int, mag_ratios=None, calibrated: dict | None = None) -> list[Method]:
     """Every method and setting the frontier is drawn from. `calibrated`: cachedit's own TeaCache
     polynomial and MagCache ratios for this model ({"teacache": {...}, "magcache": {...}})."""

@@ -31,10 +31,11 @@ def frontier(rows: list[dict], family: str) -> list[dict]:
 
 def headline(rows: list[dict]) -> dict:
     """The three ratios a reader checks first, all against the plain pipeline of the same run:
-    - overhead: time of caches that never skip / plain time (1.0 is free);
+    - overhead: time of caches that never skip / plain time (1.0 is free), cachedit's and the peers';
     - efficiency: median measured / ideal speedup per family, over rows with ideal >= 1.5;
     - vs cache-dit: cachedit's time / cache-dit's at identical settings, with whether outputs were identical."""
     overhead = {r["method"]: r["time_ratio"] for r in rows if r.get("role") == "overhead"}
+    peer_overhead = {r["method"]: r["time_ratio"] for r in rows if r.get("role") == "peer overhead"}
     efficiency = {}
     for family in sorted({r["family"] for r in rows} - {"uncached"}):
         values = [r["measured_over_ideal"] for r in rows if r["family"] == family
@@ -49,7 +50,9 @@ def headline(rows: list[dict]) -> dict:
             parity[r["method"]] = {"time_vs_cache_dit": r["time_ratio"] / theirs["time_ratio"],
                                    "identical_outputs": r.get("images_sha1") == theirs.get("images_sha1")}
     peers = [v for k, v in efficiency.items() if k != "cachedit"]
+    lead = min(peer_overhead.values()) - max(overhead.values()) if overhead and peer_overhead else None
     return {"overhead": overhead, "max_overhead": max(overhead.values(), default=None),
+            "peer_overhead": peer_overhead, "overhead_lead": lead,
             "measured_over_ideal": efficiency,
             "efficiency_lead": efficiency["cachedit"] - max(peers) if "cachedit" in efficiency and peers else None,
             "vs_cache_dit": parity}
@@ -60,6 +63,10 @@ def headline_text(summary: dict) -> str:
     if summary["max_overhead"] is not None:
         lines.append(f"overhead with nothing skipped: {summary['max_overhead']:.3f}x the plain pipeline's time "
                      f"(worst of {len(summary['overhead'])})")
+    for name, value in summary.get("peer_overhead", {}).items():
+        lines.append(f"overhead with nothing skipped, {name}: {value:.3f}x the plain pipeline's time")
+    if summary.get("overhead_lead") is not None:
+        lines.append(f"the least peer overhead minus cachedit's worst: {summary['overhead_lead']:+.3f}")
     for family, value in summary["measured_over_ideal"].items():
         lines.append(f"measured / ideal speedup, {family}: {value:.3f}")
     if summary["efficiency_lead"] is not None:
