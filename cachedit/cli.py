@@ -133,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=positive_int, default=4, help="uncached runs (prompts cycle, seeds differ)")
     p.add_argument("--out", default=None, type=writable_file, help="write the options as JSON here")
     p.set_defaults(func=cmd_calibrate)
+    p = sub.add_parser("tune", help="search the cache configurations for a target speedup or PSNR, save the best")
+    from .tune import add_arguments as tune_arguments, run as run_tune
+
+    tune_arguments(p)
+    p.set_defaults(func=run_tune)
     p = sub.add_parser("conformance", help="run the backend conformance suite against installed backends")
     p.add_argument("--backend", action="append", default=[], help="only this backend (repeatable)")
     p.set_defaults(func=cmd_conformance)

@@ -76,6 +76,13 @@ def whole_number(policy: str, name: str, value, low: int) -> int:
 class Policy:
     name = "abstract"
     needs_modulated_input = False
+    tune_thresholds: tuple[float, ...] = ()  # what `cachedit tune` tries; empty: not searched
+    tune_Fn = 0  # the first blocks the tuner computes (1 where the signal is the first blocks' residual)
+
+    @classmethod
+    def tune_space(cls) -> list[dict]:
+        """The CacheConfig fields `cachedit tune` tries for this policy (crossed with every calibrator)."""
+        return [dict(Fn=cls.tune_Fn, Bn=0, residual_diff_threshold=t, warmup_steps=3) for t in cls.tune_thresholds]
 
     def __init__(self, **options) -> None:
         if options:
@@ -97,6 +104,14 @@ class Policy:
 
 class DBCache(Policy):
     name = "dbcache"
+    tune_thresholds = (0.03, 0.06, 0.1, 0.15, 0.2, 0.3, 0.45, 0.7)
+    tune_Fn = 1
+
+    @classmethod
+    def tune_space(cls) -> list[dict]:
+        masks = [dict(Fn=1, Bn=0, residual_diff_threshold=0, warmup_steps=0, steps_mask=m, mask_mode="static")
+                 for m in ("medium", "fast", "ultra")]
+        return super().tune_space() + masks
 
     def check_config(self, config) -> None:
         if config.Fn < 1:
@@ -117,6 +132,7 @@ def _first_last(st) -> bool:
 class TeaCache(Policy):
     name = "teacache"
     needs_modulated_input = True
+    tune_thresholds = (0.2, 0.4, 0.7, 1.0, 1.5, 2.5)
 
     def __init__(self, coefficients=None) -> None:
         self.coefficients = None if coefficients is None else finite_numbers(self.name, "coefficients", coefficients)
@@ -141,6 +157,11 @@ class TeaCache(Policy):
 
 class MagCache(Policy):
     name = "magcache"
+    tune_thresholds = (0.05, 0.1, 0.2, 0.4, 0.8)
+
+    @classmethod
+    def tune_space(cls) -> list[dict]:
+        return [{**space, "policy_options": {"max_skip_steps": 5}} for space in super().tune_space()]
 
     def __init__(self, mag_ratios=None, max_skip_steps: int = 3, retention_ratio: float = 0.2) -> None:
         if mag_ratios is None:
@@ -173,6 +194,7 @@ class MagCache(Policy):
 
 class EasyCache(Policy):
     name = "easycache"
+    tune_thresholds = (0.1, 0.2, 0.4, 0.8, 1.5)
 
     def skip(self, cache, st, probe):
         m = st.memo
@@ -206,6 +228,8 @@ class Forecast(Policy):
     """
 
     name = "forecast"
+    tune_thresholds = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
+    tune_Fn = 1
 
     def __init__(self, order: int = 1, late_weight: float = 1.0) -> None:
         self.order = whole_number(self.name, "order", order, 1)
