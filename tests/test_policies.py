@@ -119,3 +119,14 @@ def test_forecast_policy_skips_only_predictable_steps():
     assert all(report["residual_diffs"][s] < 5.0 for s in report["cached_steps"])
     with pytest.raises(ValueError, match="Fn=0 is invalid for policy 'forecast'"):
         cachedit.CacheConfig(Fn=0, policy="forecast")
+
+
+def test_calibration_records_each_cfg_branch_apart_by_call_order():
+    from cachedit.cache.calibrate import record
+    from cachedit.testing.reference import reference_call_kwargs, reference_pipeline
+
+    pipe = reference_pipeline()
+    runs = [dict(prompt="a handwritten digit 2", **reference_call_kwargs(num_inference_steps=6, seed=0))]
+    recorded = record(pipe, runs)
+    assert [len(steps) for steps in recorded] == [6, 6]  # true CFG: a cond and an uncond branch, each every step
+    assert not torch.equal(recorded[0][-1]["output"], recorded[1][-1]["output"])

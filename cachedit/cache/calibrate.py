@@ -5,16 +5,19 @@
 
 `runs` is a list of pipeline-call keyword dicts (prompt, steps, seed ...). Nothing is patched:
 plain forward hooks on the first and last block of the transformer's first stack record each
-step's input, timestep-modulated input and output; CFG branches are kept apart by the text
-embedding tensor each transformer call passes.
+step's input, timestep-modulated input and output; CFG branches are kept apart by the order of
+the transformer's calls at each timestep (`runs.py`), never by tensor addresses.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import numpy as np
 import torch
 
 from ..adapters import adapter_for, block_io, modulated_input
+from .runs import RunTracker
 
 
 def _relative_l1(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -28,9 +31,15 @@ def record(pipe, runs: list[dict]) -> list[list[dict]]:
     io_first, io_last = block_io(blocks[0]), block_io(blocks[-1])
     branch, step = {}, {}
 
+    params = [p for p in inspect.signature(transformer.forward).parameters]
+    at = next((params.index(p) for p in ("timestep", "t") if p in params), None)
+
     def on_call(module, args, kwargs):
-        text = kwargs.get("encoder_hidden_states")
-        branch["key"] = text.data_ptr() if isinstance(text, torch.Tensor) else 0
+        timestep = kwargs.get(params[at]) if at is not None else None
+        if timestep is None and at is not None and at < len(args):
+            timestep = args[at]
+        value = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep or 0)
+        branch["key"] = tracker.observe(value, None)[0]  # the call's order at its timestep: cond, then uncond
 
     def on_first(module, args, kwargs):
         step["input"] = io_first.inputs(module, args, kwargs)[0].detach().clone()
@@ -48,6 +57,7 @@ def record(pipe, runs: list[dict]) -> list[list[dict]]:
     try:
         for kwargs in runs:
             branches: dict = {}
+            tracker = RunTracker()
             with torch.no_grad():
                 pipe(**kwargs)
             recorded.extend(branches.values())
