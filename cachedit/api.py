@@ -144,6 +144,9 @@ def _validate(pipe, backend: Backend, cache, parallel, quantize, compile_cfg, at
     if parallel is not None and (parallel.tensor > 1 or parallel.text_encoder):
         check_tensor_parallel(transformers, parallel, text_encoders_of(pipe) if parallel.text_encoder else None)
     if parallel is not None and parallel.cfg > 1:
+        if cache is not None and cache.branch_thresholds:  # the CFG ranks decide together, on one threshold
+            raise ValueError(f"CacheConfig.branch_thresholds={cache.branch_thresholds} with ParallelConfig.cfg="
+                             f"{parallel.cfg} is not supported; allowed: branch_thresholds={{}} when cfg > 1")
         check_cfg_parallel(parallel)
     if parallel is not None and cp_mode(parallel) is not None:
         check_context_parallel(transformers, parallel, kernels, attention, _head_dim)

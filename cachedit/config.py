@@ -57,7 +57,9 @@ class CacheConfig:
     skipped when the first blocks' residual changed by less than `residual_diff_threshold` (relative
     L1) since the last computed step, and their residual is reused (or forecast by `calibrator`).
     "dbprune": each middle block not in `protected_blocks` is skipped on its own when its input
-    changed by less than the threshold. Warmup, step masks and the max-cached limits bound both."""
+    changed by less than the threshold. Warmup, step masks and the max-cached limits bound both.
+    `branch_thresholds` gives a cache context (CFG branch: "cond", "uncond", or "branch0" / "branch1" where
+    the pipeline names none) its own threshold; a CFG batched into one call is one context."""
 
     Fn: int = 1
     Bn: int = 0
@@ -75,6 +77,7 @@ class CacheConfig:
     mask_mode: str = "dynamic"  # "static": masked steps always cache; "dynamic": they still check the threshold
     policy: str = "dbcache"  # the skip signal: dbcache, teacache, magcache, easycache (cachedit.cache.policies)
     policy_options: dict = field(default_factory=dict)
+    branch_thresholds: dict = field(default_factory=dict)  # cache context -> its own threshold, e.g. {"uncond": 0.3}
 
     def __post_init__(self) -> None:
         n = "CacheConfig"
@@ -116,7 +119,17 @@ class CacheConfig:
         object.__setattr__(self, "policy_options", copy.deepcopy(self.policy_options))  # the caller's stays theirs
         if self.policy != "dbcache" and self.mode != "dbcache":
             _fail(n, "policy", self.policy, "'dbcache' when mode='dbprune' (pruning decides per block)")
+        if not isinstance(self.branch_thresholds, dict) or not all(isinstance(k, str) and k for k in self.branch_thresholds):
+            _fail(n, "branch_thresholds", self.branch_thresholds, "a dict of cache context name (e.g. 'cond', 'uncond') "
+                  "-> threshold")
+        for name, value in self.branch_thresholds.items():
+            _check_number(n, f"branch_thresholds[{name!r}]", value)
+        object.__setattr__(self, "branch_thresholds", {k: float(v) for k, v in self.branch_thresholds.items()})
         make_policy(self.policy, dict(self.policy_options)).check_config(self)
+
+    def threshold_for(self, context: str) -> float:
+        """The threshold of one cache context (CFG branch): its own in `branch_thresholds`, else the common one."""
+        return self.branch_thresholds.get(context, self.residual_diff_threshold)
 
     def check_blocks(self, num_blocks: int) -> None:
         if self.Fn + self.Bn > num_blocks:

@@ -60,6 +60,35 @@ def test_cfg_branches_have_separate_state():
         assert report["steps"] == STEPS and report["cached_steps"] == list(range(2, STEPS))
 
 
+@pytest.mark.parametrize("family, names", [("flux", ("cond", "uncond")), ("chroma", ("branch0", "branch1"))])
+def test_branch_thresholds_give_each_cfg_branch_its_own(family, names):
+    pipe = tiny_pipeline(family)
+    base = dict(residual_diff_threshold=ALWAYS, warmup_steps=2)
+    cachedit.accelerate(pipe, **EXACT, cache=base)
+    uniform = _run(pipe, family)
+    cachedit.disable(pipe)
+    cachedit.accelerate(pipe, **EXACT, cache=dict(base, branch_thresholds={names[0]: ALWAYS}))
+    assert torch.equal(_run(pipe, family), uniform)  # the same thresholds, spelled out: the same computation
+    cachedit.disable(pipe)
+    cachedit.accelerate(pipe, **EXACT, cache=dict(base, branch_thresholds={names[1]: 0}))
+    _run(pipe, family)
+    contexts = _contexts(pipe)
+    assert contexts[names[0]]["cached_steps"] == list(range(2, STEPS)) and contexts[names[1]]["cached_steps"] == []
+
+
+@pytest.mark.parametrize("value", [{"uncond": -1}, {"uncond": float("nan")}, {"": 0.1}, ["uncond"], {"cond": "x"}])
+def test_invalid_branch_thresholds_are_refused(value):
+    with pytest.raises(ValueError, match="branch_thresholds"):
+        cachedit.CacheConfig(branch_thresholds=value)
+
+
+def test_branch_thresholds_with_cfg_parallel_are_refused_before_any_change():
+    pipe = tiny_pipeline("flux")
+    with pytest.raises(ValueError, match="branch_thresholds=.* with ParallelConfig.cfg=2"):
+        cachedit.accelerate(pipe, **EXACT, cache=dict(branch_thresholds={"uncond": 0.3}), parallel=dict(cfg=2))
+    assert getattr(pipe, "_cachedit_state", None) is None
+
+
 def test_unnamed_cfg_branches_are_told_apart_by_their_order_at_a_timestep():
     pipe = tiny_pipeline("lumina2")  # calls cond and uncond without cache_context
     cachedit.accelerate(pipe, **EXACT, cache=dict(residual_diff_threshold=ALWAYS, warmup_steps=2))

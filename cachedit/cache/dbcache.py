@@ -49,7 +49,8 @@ class StackCache:
         self.last_middle = len(blocks) - config.Bn - 1
         self.num_steps = num_steps
         self.reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # set by parallel plans
-        self.states = ContextStates(CallState, (config.calibrator, config.taylorseer_order))
+        self.states = ContextStates(CallState, (config.calibrator, config.taylorseer_order),
+                                    per_context=lambda name: {"threshold": config.threshold_for(name)})
         self.policy = make_policy(config.policy, dict(config.policy_options))
         self.modulated_input: Callable | None = None  # set from the adapter when the policy needs it
         self.last_call: dict[str, dict] = {}  # reports of the last finished call, per context
@@ -93,7 +94,7 @@ class StackCache:
             return False
         if cfg.max_accumulated_diff and st.accumulated_diff >= cfg.max_accumulated_diff:
             return False
-        if cfg.residual_diff_threshold <= 0:
+        if st.threshold <= 0:
             return False
         return None
 
@@ -110,7 +111,7 @@ class StackCache:
         st.diffs.setdefault(st.step, diff)
         if diff > 0:
             st.accumulated_diff += diff
-        return diff < self.config.residual_diff_threshold
+        return diff < st.threshold
 
     def _fits(self, st: CallState, hidden: torch.Tensor, encoder: torch.Tensor | None) -> bool:
         """Stored residuals exist and match this step's shapes (a context's text length can change)."""

@@ -149,7 +149,7 @@ class TeaCache(Policy):
         rescaled = float(np.polyval(self.coefficients, change)) if self.coefficients else change
         st.diffs.setdefault(st.step, rescaled)
         st.memo["accumulated"] = st.memo.get("accumulated", 0.0) + rescaled
-        return st.memo["accumulated"] < cache.config.residual_diff_threshold
+        return st.memo["accumulated"] < st.threshold
 
     def computed(self, cache, st, probe, output):
         st.memo["accumulated"] = 0.0
@@ -186,7 +186,7 @@ class MagCache(Policy):
         m["skips"] = m.get("skips", 0) + 1
         m["error"] = m.get("error", 0.0) + abs(1.0 - m["ratio"])
         st.diffs.setdefault(st.step, m["error"])
-        return m["error"] < cache.config.residual_diff_threshold and m["skips"] <= self.max_skip_steps
+        return m["error"] < st.threshold and m["skips"] <= self.max_skip_steps
 
     def computed(self, cache, st, probe, output):
         st.memo.update(ratio=1.0, skips=0, error=0.0)
@@ -203,7 +203,7 @@ class EasyCache(Policy):
         input_change = cache.relative_l1(m["last_input"], probe.hidden_in)
         m["accumulated"] = m.get("accumulated", 0.0) + m["rate"] * input_change
         st.diffs.setdefault(st.step, m["accumulated"])
-        return m["accumulated"] < cache.config.residual_diff_threshold
+        return m["accumulated"] < st.threshold
 
     def computed(self, cache, st, probe, output):
         m = st.memo
@@ -254,7 +254,7 @@ class Forecast(Policy):
         progress = st.step / max(1, (st.num_steps or st.step + 1) - 1)
         st.memo["spent"] = st.memo.get("spent", 0.0) + error * (1.0 + self.late_weight * progress)
         st.diffs.setdefault(st.step, st.memo["spent"])
-        return st.memo["spent"] < cache.config.residual_diff_threshold
+        return st.memo["spent"] < st.threshold
 
     def computed(self, cache, st, probe, output):
         from .calibrators import TaylorSeer

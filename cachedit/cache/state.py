@@ -26,6 +26,7 @@ class CallState(BaseState):
 
     calibrator: str | None = None
     order: int = 1
+    threshold: float = 0.0  # this context's skip threshold (CacheConfig.threshold_for)
     step: int = -1
     num_steps: int | None = None
     mask: tuple[int, ...] | None = None
@@ -53,7 +54,7 @@ class CallState(BaseState):
         self.encoder_residual = make_calibrator(self.calibrator, self.order)
 
     def reset(self) -> None:
-        self.__init__(self.calibrator, self.order)
+        self.__init__(self.calibrator, self.order, self.threshold)
 
     def report(self) -> dict:
         return {"steps": self.step + 1, "cached_steps": list(self.cached_steps),
@@ -64,14 +65,19 @@ class CallState(BaseState):
 
 class ContextStates(StateManager):
     """A StateManager that falls back to the "default" context instead of raising, and holds at most
-    `MAX_STATES` states: a new context beyond that evicts the oldest one, so no naming can pile up states."""
+    `MAX_STATES` states: a new context beyond that evicts the oldest one, so no naming can pile up states.
+    `per_context(name)` gives the keyword arguments that differ by context (its threshold)."""
+
+    def __init__(self, state_cls, init_args=None, init_kwargs=None, per_context=None) -> None:
+        super().__init__(state_cls, init_args, init_kwargs)
+        self.per_context = per_context or (lambda name: {})
 
     def get_state(self) -> CallState:
         name = self._context.name if self._context is not None else DEFAULT_CONTEXT
         if name not in self._state_cache:
             while len(self._state_cache) >= MAX_STATES:
                 del self._state_cache[next(iter(self._state_cache))]
-            self._state_cache[name] = self._state_cls(*self._init_args, **self._init_kwargs)
+            self._state_cache[name] = self._state_cls(*self._init_args, **self._init_kwargs, **self.per_context(name))
         return self._state_cache[name]
 
     @property
