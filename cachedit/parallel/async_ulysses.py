@@ -29,7 +29,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 from .. import hooks
 from .ring import ring_attention
-from .ulysses import HEADS, SEQ, _Exchange, _gather_key_mask, gather_lengths, split_sizes
+from .ulysses import HEADS, SEQ, _Exchange, _gather_key_mask, gather_lengths, key_mask, split_sizes
 
 HOOK_NAME = "cachedit.cp.async"
 
@@ -51,9 +51,7 @@ class _Exchanges:
         with torch._C.DisableTorchFunction():  # wire work, not attention: past the router
             local = x.transpose(1, 2)
             if name == "k" and self.mask is not None:
-                from .context import _key_mask  # deferred: context.py imports this module
-
-                self.mask = _key_mask(self.mask, local)
+                self.mask = key_mask(self.mask, local)
             self.posted[name] = _Exchange(self.comm, local, HEADS, SEQ, self.heads, self.lens,
                                           self.cp.config.fp8_comm, async_op=True)
 

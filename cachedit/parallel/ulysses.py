@@ -98,6 +98,18 @@ def ulysses_attention(comm: Communicator, query: torch.Tensor, key: torch.Tensor
     return back.wait()
 
 
+def key_mask(mask: torch.Tensor | None, key: torch.Tensor) -> torch.Tensor | None:
+    """The mask as (batch|1, heads|1, 1, keys); masks that depend on the query are refused."""
+    if mask is None:
+        return None
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    if mask.shape[-2] != 1 or mask.shape[-1] != key.shape[-2]:
+        raise ValueError(f"context parallelism supports key masks (broadcast over queries, last dim = keys); got "
+                         f"an attention mask of shape {tuple(mask.shape)} for {key.shape[-2]} local keys")
+    return mask
+
+
 def _gather_key_mask(comm: Communicator, mask: torch.Tensor, head_sizes: list[int], heads: int,
                      uneven: bool) -> torch.Tensor:
     """This rank's heads of the key mask, over every rank's keys (in the order the keys arrive)."""
