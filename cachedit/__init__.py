@@ -47,5 +47,6 @@ def backends() -> list["PluginRecord"]:
     return manager().records()
 
 
-__all__ = ["accelerate", "disable", "refresh", "request", "summary", "is_accelerated", "applied", "backends", "hookimpl", "Backend",
+__all__ = ["accelerate", "disable", "refresh", "request", "summary", "is_accelerated", "applied", "backends",
+           "hookimpl", "Backend",
            "PluginRecord", "AttentionKernel", "CacheConfig", "CompileConfig", "ParallelConfig", "QuantConfig"]

@@ -41,7 +41,8 @@ def accelerate(pipe, device: str = "auto", cache=None, parallel=None, quantize=N
     if config_file.is_file_reference(cache):
         cache = config_file.load_section(cache, CacheConfig, "cache")
     configs = dict(cache=coerce(cache, CacheConfig, "cache"), parallel=coerce(parallel, ParallelConfig, "parallel"),
-                   quantize=coerce(quantize, QuantConfig, "quantize"), compile=coerce(compile, CompileConfig, "compile"))
+                   quantize=coerce(quantize, QuantConfig, "quantize"),
+                   compile=coerce(compile, CompileConfig, "compile"))
     if attention is not None and not isinstance(attention, str):
         raise ValueError(f"attention={attention!r} is invalid; allowed values: None, 'auto' or a kernel name")
     plugins = manager()

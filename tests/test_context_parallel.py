@@ -111,7 +111,8 @@ def _rank_worker(rank, world, jobs):
             trace = _trace_first_attention(pipe) if job["parallel"].get("async_ulysses") else None
             images = _run(pipe, job)
             out.append(dict(images=images, pattern=_pattern(pipe) if job["cache"] else None,
-                            stats={n: cp.stats() for n, cp in cachedit.applied(pipe)["context_parallel"].parts.items()}))
+                            stats={n: cp.stats()
+                                   for n, cp in cachedit.applied(pipe)["context_parallel"].parts.items()}))
             if trace is not None:
                 out[-1]["async"] = _async_report(pipe, trace, originals)
         else:

@@ -111,8 +111,8 @@ def _rank_pipe(job):
     applied = cachedit.applied(pipe)
     tp = applied["tensor_parallel"].parts["transformer"]
     out = dict(images=images, calls=len(calls), before=before, after=after, tp=tp.stats(), per_call=dict(tp.per_call),
-               cp={n: cp.stats() for n, cp in applied["context_parallel"].parts.items()} if "context_parallel" in applied
-               else {},
+               cp={n: cp.stats() for n, cp in applied["context_parallel"].parts.items()}
+               if "context_parallel" in applied else {},
                pattern=_pattern(pipe) if job["cache"] else None)
     if job["parallel"].get("text_encoder"):
         out["embeddings"] = _embeddings(pipe)

@@ -25,7 +25,8 @@ class ControlNetParallel(Feature):
         applied = apply_controlnet_parallel(ctx.pipe, ctx.parallel, ctx.kernels, ctx.attention,
                                             dict(cp.parts) if cp is not None else {}, ctx.communicator,
                                             mesh=ctx.mesh, device_type=ctx.backend.device_type)
-        return Applied(self.name, parts={"controlnet": applied}, report=lambda: {"controlnet_parallel": applied.stats()},
+        return Applied(self.name, parts={"controlnet": applied},
+                       report=lambda: {"controlnet_parallel": applied.stats()},
                        undo=[lambda: remove_controlnet_parallel(applied)])
 
     def idle(self, ctx: Context) -> dict:

@@ -42,5 +42,6 @@ class TensorParallel(Feature):
 
     @staticmethod
     def _report(parts: dict) -> dict:
-        return {"tensor_parallel": {n: {"per_call": dict(tp.per_call), **tp.stats(), "weight_bytes": weight_bytes(tp.module)}
-                                    for n, tp in parts.items()} or None}
+        return {"tensor_parallel": {
+            n: {"per_call": dict(tp.per_call), **tp.stats(), "weight_bytes": weight_bytes(tp.module)}
+            for n, tp in parts.items()} or None}
