@@ -126,3 +126,11 @@ def test_no_cycle_even_through_imports_inside_functions():
 def test_a_cycle_is_found():  # the checker itself: a two-module cycle and a three-module one
     graph = {"a": {"b"}, "b": {"a"}, "c": {"d"}, "d": {"e"}, "e": {"c"}, "f": {"a"}}
     assert sorted(cycles(graph)) == [["a", "b"], ["c", "d", "e"]]
+
+
+def test_parallel_plans_never_ask_the_plugin_manager():
+    """Communicators come from the feature context's factory: no module under parallel/ imports plugins."""
+    graph = import_graph()
+    asking = [m for m, e in graph.items() if m.startswith("cachedit.parallel")
+              and "cachedit.plugins" in e["top"] | e["deferred"]]
+    assert asking == []
