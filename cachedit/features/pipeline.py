@@ -40,7 +40,8 @@ def check_pipeline(pipe, backend) -> dict:
     adapters = {name: adapter_for(t) for name, t in transformers.items()}
     for name, t in transformers.items():
         param = next(t.parameters(), None)
-        if param is not None and param.device.type != backend.device_type and _execution_device(t) != backend.device_type:
+        here = backend.device_type
+        if param is not None and param.device.type != here and _execution_device(t) != here:
             raise ValueError(f"device={backend.name!r} runs on {backend.device_type!r} but pipe.{name} is on "
                              f"{param.device.type!r}; move it first, e.g. pipe.to({backend.device_type!r})")
         already = _diffusers_cache(t)
