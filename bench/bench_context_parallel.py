@@ -69,7 +69,8 @@ def _call(pipe, size, steps):
 
 def _attention_profile(pipe, size) -> dict:
     """Seconds per attention layer call: inside the module, and blocked on Ulysses all-to-alls."""
-    cp = pipe._cachedit_state.context_parallel.get("transformer")
+    record = cachedit.applied(pipe).get("context_parallel")
+    cp = record.parts.get("transformer") if record is not None else None
     comm = cp.ulysses if cp is not None else None
     spent, starts = dict(attn=0.0, a2a=0.0, calls=0), {}
 
@@ -109,8 +110,9 @@ def _rank(rank, world, size, repeats):
     for name, parallel in CONFIGS[world]:
         pipe = tiny_pipeline("flux")
         cachedit.accelerate(pipe, device="cpu_ref", parallel=parallel)
-        state = pipe._cachedit_state
-        router, cp = state.routers["transformer"], state.context_parallel.get("transformer")
+        applied = cachedit.applied(pipe)
+        router = applied["attention"].parts["transformer"]
+        cp = applied["context_parallel"].parts.get("transformer") if "context_parallel" in applied else None
         _call(pipe, size, 1)  # warm up
         if cp is not None:
             cp.reset_stats()

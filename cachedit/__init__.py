@@ -18,13 +18,14 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "accelerate": ".api", "disable": ".api", "refresh": ".api", "request": ".api", "summary": ".api",
+    "is_accelerated": ".api", "applied": ".api",
     "AttentionKernel": ".attention", "Backend": ".backend", "PluginRecord": ".backend",
     "CacheConfig": ".config", "CompileConfig": ".config", "ParallelConfig": ".config", "QuantConfig": ".config",
     "hookimpl": ".hookspecs",
 }
 
 if TYPE_CHECKING:
-    from .api import accelerate, disable, refresh, request, summary  # noqa: F401
+    from .api import accelerate, applied, disable, is_accelerated, refresh, request, summary  # noqa: F401
     from .attention import AttentionKernel  # noqa: F401
     from .backend import Backend, PluginRecord
     from .config import CacheConfig, CompileConfig, ParallelConfig, QuantConfig  # noqa: F401
@@ -46,5 +47,6 @@ def backends() -> list["PluginRecord"]:
     return manager().records()
 
 
-__all__ = ["accelerate", "disable", "refresh", "request", "summary", "backends", "hookimpl", "Backend",
+__all__ = ["accelerate", "disable", "refresh", "request", "summary", "is_accelerated", "applied", "backends",
+           "hookimpl", "Backend",
            "PluginRecord", "AttentionKernel", "CacheConfig", "CompileConfig", "ParallelConfig", "QuantConfig"]

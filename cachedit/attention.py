@@ -113,14 +113,25 @@ _FUNCTIONAL_FORMS = frozenset({"unflatten", "split", "norm", "unique"})
 class AttentionRouter(TorchFunctionMode):
     """Routes SDPA calls made inside it to backend kernels and counts which kernel ran."""
 
-    def __init__(self, kernels: list[AttentionKernel], requested: str | None = None) -> None:
+    def __init__(self, kernels: list[AttentionKernel], requested: str | None = None,
+                 wrapper: Callable | None = None) -> None:
         super().__init__()
         self.kernels = kernels
         self.requested = requested
         self.chosen: dict[tuple, AttentionKernel] = {}  # call signature -> kernel, decided once
         self.calls: Counter = Counter()  # eager calls per kernel (not counted inside compiled graphs)
-        # Parallel plans install a wrapper here: wrapper(router, q, k, v, **kw) -> out.
-        self.wrapper: Callable | None = None
+        # A parallel plan runs every call through its wrapper: wrapper(router, q, k, v, **kw) -> out.
+        self.wrapper: Callable | None = wrapper
+
+    def wrap(self, wrapper: Callable) -> None:
+        """Run every call through `wrapper` (one parallel plan at a time); `unwrap` takes it off."""
+        if self.wrapper is not None and self.wrapper != wrapper:
+            raise RuntimeError("this attention router already runs through another parallel plan's wrapper")
+        self.wrapper = wrapper
+
+    def unwrap(self, wrapper: Callable) -> None:
+        if self.wrapper == wrapper:
+            self.wrapper = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

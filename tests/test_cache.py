@@ -86,7 +86,7 @@ def test_branch_thresholds_with_cfg_parallel_are_refused_before_any_change():
     pipe = tiny_pipeline("flux")
     with pytest.raises(ValueError, match="branch_thresholds=.* with ParallelConfig.cfg=2"):
         cachedit.accelerate(pipe, **EXACT, cache=dict(branch_thresholds={"uncond": 0.3}), parallel=dict(cfg=2))
-    assert getattr(pipe, "_cachedit_state", None) is None
+    assert not cachedit.is_accelerated(pipe)
 
 
 def test_unnamed_cfg_branches_are_told_apart_by_their_order_at_a_timestep():
@@ -275,7 +275,7 @@ def _decisions_on_rank(rank, world, reduce):
     cd.accelerate(pipe, device="cpu_ref", cache=dict(residual_diff_threshold=0.3, warmup_steps=1))
     if reduce:  # what a parallel plan installs: the statistic averaged over its ranks
         comm = manager().communicator(manager().backends["cpu_ref"], None)
-        for cache in pipe._cachedit_state.caches["transformer"]:
+        for cache in cd.applied(pipe)["cache"].parts["transformer"].stacks:
             cache.reduce = lambda stats: comm.all_reduce(stats, "avg")
     prompts = ["a photo of a cat", "a red monkey eating a burger"]  # each rank sees different activations
     pipe(prompt=prompts[rank], **kw("flux", num_inference_steps=12))
@@ -329,7 +329,7 @@ def test_rotary_embedding_is_memoized_within_a_call_and_exact():
     base = _run(pipe, "flux")
     cachedit.accelerate(pipe, **EXACT, cache=dict(residual_diff_threshold=0, warmup_steps=0))
     assert torch.equal(_run(pipe, "flux"), base)  # reuse of equal inputs' output changes nothing
-    (module, hook), = pipe._cachedit_state.caches["transformer"][0].memo
+    (module, hook), = cachedit.applied(pipe)["cache"].parts["transformer"].memo
     assert module is pipe.transformer.pos_embed and hook.hits >= 2 * STEPS - 2
     assert hook.last is None  # cleared by the pipeline's end-of-call reset
     cachedit.disable(pipe)

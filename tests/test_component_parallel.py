@@ -112,8 +112,8 @@ def _rank_pipe(rank, world, job):
     blocks = _bytes(controlnet, BLOCKS) / before if controlnet is not None else None
     images = _run(pipe, job)
     report = cachedit.summary(pipe)
-    applied = pipe._cachedit_state.controlnet_parallel
-    per_call = [dict(tp.per_call) for tp in applied.tensor_parallel] if applied is not None else []
+    record = cachedit.applied(pipe).get("controlnet_parallel")
+    per_call = [dict(tp.per_call) for tp in record.parts["controlnet"].tensor_parallel] if record is not None else []
     return dict(images=images, vae=report["vae_parallel"], controlnet=report["controlnet_parallel"],
                 controlnet_blocks=blocks, controlnet_per_call=per_call)
 
@@ -131,7 +131,7 @@ def _rank_decode(rank, world, job):
                 vae.use_tiling = shape is TILED
                 refs.append(vae.decode(_latents(shape)).sample)
             cachedit.accelerate(pipe, device="cpu_ref", parallel=dict(ulysses=world, vae=True))
-            vp = pipe._cachedit_state.vae_parallel
+            vp = cachedit.applied(pipe)["vae_parallel"].parts["vae"]
             for shape, ref in zip(shapes, refs):
                 vp.reset_stats()
                 vae.use_tiling = shape is TILED
@@ -164,7 +164,7 @@ def _rank_errors(rank, world, job):
             messages[name] = "no error"
         except ValueError as exc:
             messages[name] = str(exc)
-        messages[name + ":untouched"] = not hasattr(pipe, "_cachedit_state") and not any(
+        messages[name + ":untouched"] = not cachedit.is_accelerated(pipe) and not any(
             _hooked(pipe.transformer, pipe.vae, getattr(pipe, "controlnet", None)).values())
     return messages
 
@@ -310,17 +310,17 @@ def test_checks_name_the_field_and_the_allowed_values():
                                          r"classes: AutoencoderKL, AutoencoderKLFlux2, AutoencoderKLWan"):
         check_vae_parallel(pipe, ParallelConfig(ulysses=2, vae=True))
     flux = tiny_pipeline("flux")
-    with pytest.raises(ValueError, match=r"splits the decode over world size 2 .* torch.distributed is not "
-                                         r"initialised; launch with `torchrun --nproc-per-node 2"):
+    with pytest.raises(ValueError, match=r"parallel: cfg=2 needs torch.distributed initialised with world size 2; "
+                                         r"launch with `torchrun --nproc-per-node 2"):
         check_vae_parallel(flux, ParallelConfig(cfg=2, vae=True))
     flux.vae.decoder.conv_out.padding_mode = "reflect"
     with pytest.raises(ValueError, match=r"decoder.conv_out .*padding_mode 'reflect'.* cannot run on bands"):
         check_vae_parallel(flux, ParallelConfig(cfg=2, vae=True))
     with pytest.raises(ValueError, match=r"ParallelConfig.controlnet=True: pipe \(FluxPipeline\) has no `controlnet`"):
-        check_controlnet_parallel(flux, ParallelConfig(ulysses=2, controlnet=True), [], None, lambda t: 16)
+        check_controlnet_parallel(flux, ParallelConfig(ulysses=2, controlnet=True), [], None)
     with pytest.raises(ValueError, match=r"allowed: True only with ulysses > 1, ring > 1 or tensor > 1"):
-        check_controlnet_parallel(flux, ParallelConfig(cfg=2, controlnet=True), [], None, lambda t: 16)
+        check_controlnet_parallel(flux, ParallelConfig(cfg=2, controlnet=True), [], None)
     controlnet = tiny_controlnet_pipeline("flux")  # the tensor-parallel checks need no process group
     with pytest.raises(ValueError, match=r"ParallelConfig.tensor=3 with controlnet=True splits pipe.controlnet over 3 "
                                          r"ranks, which does not divide its 4 attention heads; allowed values: 1, 2, 4"):
-        check_controlnet_parallel(controlnet, ParallelConfig(tensor=3, controlnet=True), [], None, lambda t: 16)
+        check_controlnet_parallel(controlnet, ParallelConfig(tensor=3, controlnet=True), [], None)

@@ -111,7 +111,8 @@ def _rank_worker(rank, world, jobs):
             trace = _trace_first_attention(pipe) if job["parallel"].get("async_ulysses") else None
             images = _run(pipe, job)
             out.append(dict(images=images, pattern=_pattern(pipe) if job["cache"] else None,
-                            stats={n: cp.stats() for n, cp in pipe._cachedit_state.context_parallel.items()}))
+                            stats={n: cp.stats()
+                                   for n, cp in cachedit.applied(pipe)["context_parallel"].parts.items()}))
             if trace is not None:
                 out[-1]["async"] = _async_report(pipe, trace, originals)
         else:
@@ -122,7 +123,7 @@ def _rank_worker(rank, world, jobs):
 def _trace_first_attention(pipe):
     """Records, during the first call of the transformer's first attention module, its q/k/v projections,
     q/k norms and all-to-alls ("post" when async, "back" when not) in order, and the processor that ran."""
-    cp = pipe._cachedit_state.context_parallel["transformer"]
+    cp = cachedit.applied(pipe)["context_parallel"].parts["transformer"]
     attn = next(m for m in pipe.transformer.modules() if hasattr(m, "processor"))
     trace = dict(events=[], processor=None, active=False)
 
@@ -158,7 +159,7 @@ def _async_report(pipe, trace, originals):
     """What the async-Ulysses test checks: the traced order, the processors, and that disable restores them."""
     from cachedit.parallel.async_ulysses import _AsyncProcessor
 
-    cp = pipe._cachedit_state.context_parallel["transformer"]
+    cp = cachedit.applied(pipe)["context_parallel"].parts["transformer"]
     del cp.ulysses.all_to_all_uneven, cp.ulysses.all_to_all
     for handle in trace.pop("handles"):
         handle.remove()
@@ -291,7 +292,7 @@ def _rank_errors(rank, world):
         except (ValueError, NotImplementedError) as exc:
             messages[name] = f"{type(exc).__name__}: {exc}"
         hooked = [n for n, m in pipe.transformer.named_modules() if hasattr(m, "_diffusers_hook")]
-        messages[name + ":untouched"] = not hasattr(pipe, "_cachedit_state") and not hooked
+        messages[name + ":untouched"] = not cachedit.is_accelerated(pipe) and not hooked
     return messages
 
 
@@ -532,7 +533,7 @@ def test_needs_an_initialised_process_group():
     with pytest.raises(ValueError, match=r"torch.distributed initialised with world size 2; launch with "
                                          r"`torchrun --nproc-per-node 2"):
         cachedit.accelerate(pipe, device="cpu_ref", parallel=dict(ulysses=2))
-    assert not hasattr(pipe, "_cachedit_state")
+    assert not cachedit.is_accelerated(pipe)
 
 
 def test_parallel_config_fields():

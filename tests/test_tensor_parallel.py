@@ -108,11 +108,11 @@ def _rank_pipe(job):
     after = {"blocks": _bytes(pipe.transformer, prefixes), "whole": _bytes(pipe.transformer),
              "encoders": {n: _bytes(m) for n, m in text_encoders_of(pipe).items()}}
     images = _run(pipe, job)
-    state = pipe._cachedit_state
-    out = dict(images=images, calls=len(calls), before=before, after=after,
-               tp=state.tensor_parallel["transformer"].stats(),
-               per_call=dict(state.tensor_parallel["transformer"].per_call),
-               cp={n: cp.stats() for n, cp in state.context_parallel.items()},
+    applied = cachedit.applied(pipe)
+    tp = applied["tensor_parallel"].parts["transformer"]
+    out = dict(images=images, calls=len(calls), before=before, after=after, tp=tp.stats(), per_call=dict(tp.per_call),
+               cp={n: cp.stats() for n, cp in applied["context_parallel"].parts.items()}
+               if "context_parallel" in applied else {},
                pattern=_pattern(pipe) if job["cache"] else None)
     if job["parallel"].get("text_encoder"):
         out["embeddings"] = _embeddings(pipe)
@@ -173,7 +173,7 @@ def _rank_errors(rank, world):
             messages[name] = str(exc)
         hooked = [n for n, m in pipe.transformer.named_modules() if hasattr(m, "_diffusers_hook")]
         unchanged = all(p is params[n] for n, p in pipe.transformer.named_parameters())
-        messages[name + ":untouched"] = not hasattr(pipe, "_cachedit_state") and not hooked and unchanged
+        messages[name + ":untouched"] = not cachedit.is_accelerated(pipe) and not hooked and unchanged
     return messages
 
 
@@ -311,7 +311,7 @@ def _refused(family, match, **kwargs):
     params = {n: p for n, p in pipe.transformer.named_parameters()}
     with pytest.raises(ValueError, match=match):
         cachedit.accelerate(pipe, device="cpu_ref", **kwargs)
-    assert not hasattr(pipe, "_cachedit_state")
+    assert not cachedit.is_accelerated(pipe)
     assert all(p is params[n] for n, p in pipe.transformer.named_parameters())
     assert not any(hasattr(m, "_diffusers_hook") for m in pipe.transformer.modules())
 

@@ -17,6 +17,7 @@ outside compiled blocks.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -41,14 +42,15 @@ TIMESTEP_ARGS = ("timestep", "t")  # what diffusers transformers call their time
 class StackCache:
     """The cache of one block stack: its config, its blocks' roles, and its per-context states."""
 
-    def __init__(self, config: CacheConfig, blocks: list[nn.Module], num_steps: Callable[[], int | None]):
+    def __init__(self, config: CacheConfig, blocks: list[nn.Module], num_steps: Callable[[], int | None],
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.config = config
         self.blocks = blocks
         self.io: BlockIO = block_io(blocks[0])
         self.first_middle = config.Fn
         self.last_middle = len(blocks) - config.Bn - 1
         self.num_steps = num_steps
-        self.reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # set by parallel plans
+        self.reduce = reduce  # the statistic agreed over ranks: the reducer chain parallel plans add stages to
         self.states = ContextStates(CallState, (config.calibrator, config.taylorseer_order),
                                     per_context=lambda name: {"threshold": config.threshold_for(name)})
         self.policy = make_policy(config.policy, dict(config.policy_options))
@@ -128,6 +130,10 @@ class StackCache:
         if self.states._state_cache:
             self.last_call = self.states.reports()
         self.states.reset()
+
+    def drop_context(self, name: str) -> None:
+        """Forget the state of context `name` (another rank runs that CFG branch from now on)."""
+        self.states._state_cache.pop(name, None)
 
     def new_run(self) -> None:
         """A new denoising run starts inside a transformer call: fresh states, the call's context kept."""
@@ -235,9 +241,10 @@ class CallContextHook(ModelHook):
 
     _is_stateful = True  # the run it follows ends with the pipeline call (diffusers' reset, the lifecycle)
 
-    def __init__(self, caches: list[StackCache], infer_branches: bool, scope=None) -> None:
+    def __init__(self, caches: list[StackCache], infer_branches: bool, scope=None, memo=()) -> None:
         super().__init__()
         self.caches = caches
+        self.memo = list(memo)  # (module, MemoHook): the per-call memos, fresh with each new run
         self.infer_branches = infer_branches  # False: unnamed calls share one state (batched CFG)
         self.scope = scope  # lifecycle.Scope: whether call boundaries are known
         self.runs = RunTracker()
@@ -272,7 +279,7 @@ class CallContextHook(ModelHook):
         if restart and direct:
             for cache in self.caches:
                 cache.new_run()
-            for _, memo in getattr(self.caches[0], "memo", []):
+            for _, memo in self.memo:
                 memo.reset_state(None)
         if context is not None:
             return self._run(None, args, kwargs)
@@ -291,24 +298,39 @@ class CallContextHook(ModelHook):
                 cache.states.set_context(None)
 
 
-def apply_cache(transformer: nn.Module, adapter: Adapter, config: CacheConfig, num_steps, scope=None) -> list[StackCache]:
-    """Hook every block stack of `transformer`; `scope` (lifecycle.Scope) says when call boundaries are known."""
-    stacks = adapter.stacks(transformer)
-    caches = []
-    for blocks in stacks:
-        cache = StackCache(config, blocks, num_steps)
-        cache.modulated_input = modulated_input
-        for i, block in enumerate(blocks):
-            hooks.attach(block, BlockCacheHook(cache, i), HOOK_NAME)
-        caches.append(cache)
-    hooks.attach(transformer, CallContextHook(caches, adapter.text_arg is not None, scope), BRANCH_HOOK)
-    caches[0].memo = apply_memo(transformer, adapter.pure_modules)
-    return caches
+@dataclass
+class CachedTransformer:
+    """What `apply_cache` put on one transformer: a cache per block stack and the memoized pure modules."""
+
+    stacks: list[StackCache] = field(default_factory=list)
+    memo: list = field(default_factory=list)  # (module, MemoHook)
 
 
-def remove_cache(transformer: nn.Module, caches: list[StackCache]) -> None:
-    remove_memo(getattr(caches[0], "memo", []) if caches else [])
+def apply_cache(transformer: nn.Module, adapter: Adapter, config: CacheConfig, num_steps, scope=None,
+                reduce=None) -> CachedTransformer:
+    """Hook every block stack of `transformer`; `scope` (lifecycle.Scope) says when call boundaries are known,
+    `reduce` agrees each decision statistic over ranks (None: one process decides alone)."""
+    applied = CachedTransformer()
+    try:
+        for blocks in adapter.stacks(transformer):
+            cache = StackCache(config, blocks, num_steps, reduce)
+            cache.modulated_input = modulated_input
+            applied.stacks.append(cache)
+            for i, block in enumerate(blocks):
+                hooks.attach(block, BlockCacheHook(cache, i), HOOK_NAME)
+        applied.memo = apply_memo(transformer, adapter.pure_modules)
+        hooks.attach(transformer, CallContextHook(applied.stacks, adapter.text_arg is not None, scope, applied.memo),
+                     BRANCH_HOOK)
+    except BaseException:
+        remove_cache(transformer, applied)
+        raise
+    return applied
+
+
+def remove_cache(transformer: nn.Module, applied: CachedTransformer) -> None:
+    remove_memo(applied.memo)
     hooks.detach(transformer, BRANCH_HOOK)
-    for cache in caches:
+    for cache in applied.stacks:
         for block in cache.blocks:
             hooks.detach(block, HOOK_NAME)
+    applied.memo, applied.stacks = [], []

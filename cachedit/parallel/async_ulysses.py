@@ -29,7 +29,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 from .. import hooks
 from .ring import ring_attention
-from .ulysses import HEADS, SEQ, _Exchange, _gather_key_mask, gather_lengths, split_sizes
+from .ulysses import HEADS, SEQ, Exchange, gather_key_mask, gather_lengths, key_mask, split_sizes
 
 HOOK_NAME = "cachedit.cp.async"
 
@@ -43,7 +43,7 @@ class _Exchanges:
         # Lengths are needed to post, so they are learnt first (one small all-gather, uneven calls only).
         self.lens = gather_lengths(self.comm, seq, device=device)[0] if cp.state.uneven else [seq] * world
         self.mask = mask
-        self.posted: dict[str, _Exchange] = {}
+        self.posted: dict[str, Exchange] = {}
 
     def post(self, name: str, x: torch.Tensor) -> None:
         """Send `x`, laid out (batch, seq, heads, head_dim) as diffusers' processors build it."""
@@ -51,10 +51,8 @@ class _Exchanges:
         with torch._C.DisableTorchFunction():  # wire work, not attention: past the router
             local = x.transpose(1, 2)
             if name == "k" and self.mask is not None:
-                from .context import _key_mask  # deferred: context.py imports this module
-
-                self.mask = _key_mask(self.mask, local)
-            self.posted[name] = _Exchange(self.comm, local, HEADS, SEQ, self.heads, self.lens,
+                self.mask = key_mask(self.mask, local)
+            self.posted[name] = Exchange(self.comm, local, HEADS, SEQ, self.heads, self.lens,
                                           self.cp.config.fp8_comm, async_op=True)
 
     def attend(self) -> torch.Tensor:
@@ -63,7 +61,7 @@ class _Exchanges:
         with torch._C.DisableTorchFunction():  # a kernel may call SDPA itself: keep it from the router
             mask = self.mask
             if mask is not None:  # gathered while q, k and v are in flight
-                mask = _gather_key_mask(comm, mask, self.heads, sum(self.heads), cp.state.uneven)
+                mask = gather_key_mask(comm, mask, self.heads, sum(self.heads), cp.state.uneven)
             v, k, q = (self.posted[n].wait() for n in "vkq")
             if cp.mode == "usp":  # Ring across the rows of the mesh, for this rank's heads
                 kernel = router.kernel_for(q, k, mask, False, need_lse=True, cp_mode="usp")
@@ -71,7 +69,7 @@ class _Exchanges:
             else:
                 kernel = router.kernel_for(q, k, mask, False, cp_mode="ulysses")
                 out = kernel.fn(q, k, v, attn_mask=mask, is_causal=False, scale=None)
-            back = _Exchange(comm, out, SEQ, HEADS, self.lens, self.heads, cp.config.fp8_comm, async_op=False)
+            back = Exchange(comm, out, SEQ, HEADS, self.lens, self.heads, cp.config.fp8_comm, async_op=False)
             return back.wait().transpose(1, 2)
 
 

@@ -17,7 +17,7 @@ lives for one pipeline call: it starts fresh at the call's start and is dropped 
 (`lifecycle.py`), so an aborted call never poisons the next one on any rank.
 
 Combined with context / tensor parallelism the world is the (cfg, ring, ulysses, tensor) mesh
-(`tensor.hybrid_mesh`): each CFG half runs its branch with its own context- and tensor-parallel
+(`mesh.hybrid_mesh`): each CFG half runs its branch with its own context- and tensor-parallel
 groups, and the exchange goes over the "cfg" group (the two ranks with the same coordinate in the
 other dimensions, so holding the same shards). Cache state per branch lives on the half running it;
 for batched calls the cache statistic is also averaged over the cfg group, so both halves decide as
@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
+
+from .. import hooks
 
 BRANCHES = ("cond", "uncond")
 HOOK_NAME = "cachedit.cfg_parallel"
@@ -45,11 +47,11 @@ class CfgParallelHook(ModelHook):
 
     _is_stateful = True  # so diffusers' cache_context reaches `self.context`, and its reset `reset_state`
 
-    def __init__(self, comm) -> None:
+    def __init__(self, comm, on_split=None) -> None:
         super().__init__()
         self.comm = comm  # over the cfg group: rank 0 runs "cond", rank 1 "uncond"
         self.batched = False  # inside a batched-CFG call: cache statistics span both halves
-        self.caches: list = []  # (StackCache, its reduce before this hook wrapped it)
+        self.on_split = on_split  # on_split(branch): the other half's branch, whose state this half drops
         self.context = StateManager(_Nothing)
         self.mine = BRANCHES[comm.rank]
         # Per call (reset at every pipeline call's start and exit):
@@ -100,10 +102,8 @@ class CfgParallelHook(ModelHook):
         """The call's first step showed its topology: both branches (from now on each half runs its own,
         and drops the cache state of the other's first step) or one (every rank keeps running it)."""
         self.split = split
-        if split:
-            theirs = BRANCHES[1 - self.comm.rank]
-            for cache, _ in self.caches:
-                cache.states._state_cache.pop(theirs, None)
+        if split and self.on_split is not None:
+            self.on_split(BRANCHES[1 - self.comm.rank])
 
     def _batched(self, module, args, kwargs):
         """One call carries both branches in its batch: each rank computes its half. Batched inputs
@@ -135,10 +135,9 @@ class CfgParallelHook(ModelHook):
             sample = self.comm.all_gather(sample.contiguous(), dim=0)
         return (sample,) if kwargs.get("return_dict", True) is False else _wrap(sample)
 
-    def reduce(self, inner, stats: torch.Tensor) -> torch.Tensor:
-        """A cache's reduce: its own (context-parallel) one, then, in a batched call, the average
-        over the two halves of the batch (equal halves: the mean over the whole batch)."""
-        stats = inner(stats) if inner is not None else stats
+    def reduce(self, stats: torch.Tensor) -> torch.Tensor:
+        """A stage of the cache's reducer chain (after the context-parallel one): in a batched call, the
+        average over the two halves of the batch (equal halves: the mean over the whole batch)."""
         return self.comm.all_reduce(stats, "avg") if self.batched else stats
 
 
@@ -158,46 +157,13 @@ def _param_names(module: nn.Module) -> list[str]:
     return list(inspect.signature(type(module).forward).parameters)[1:]
 
 
-def check_cfg_parallel(config) -> None:
-    """torch.distributed has world size cfg x ulysses x ring x tensor (ValueError)."""
-    import torch.distributed as dist
-
-    if config.cfg == 1:
-        return
-    n = config.world_size
-    if not dist.is_initialized() or dist.get_world_size() != n:
-        size = dist.get_world_size() if dist.is_initialized() else "not initialised"
-        others = "".join(f" x {d}={getattr(config, d)}" for d in ("ulysses", "ring", "tensor") if getattr(config, d) > 1)
-        raise ValueError(f"ParallelConfig.cfg=2{others} needs torch.distributed with world size {n} (got {size}); "
-                         f"launch with torchrun --nproc-per-node {n}")
-
-
-def cfg_communicator(backend, mesh=None):
-    """The communicator over this rank's cfg group: the world, or the mesh's "cfg" dimension."""
-    from ..plugins import manager
-
-    return manager().communicator(backend, mesh.get_group("cfg") if mesh is not None else None)
-
-
-def apply_cfg_parallel(transformer: nn.Module, comm, caches=()) -> CfgParallelHook:
-    """Hook `transformer` (outermost) to run one CFG branch per half; `caches` are its StackCaches."""
-    import functools
-
-    from .. import hooks
-
-    hook = CfgParallelHook(comm)
+def apply_cfg_parallel(transformer: nn.Module, comm, on_split=None) -> CfgParallelHook:
+    """Hook `transformer` (outermost) to run one CFG branch per half over `comm` (the cfg group);
+    `on_split(branch)` is told which branch this half stops running once a call's topology is known."""
+    hook = CfgParallelHook(comm, on_split)
     hooks.attach(transformer, hook, HOOK_NAME)  # last: outermost, so a skipped call skips everything
-    for cache in caches:
-        hook.caches.append((cache, cache.reduce))
-        cache.reduce = functools.partial(hook.reduce, cache.reduce)
     return hook
 
 
 def remove_cfg_parallel(transformer: nn.Module) -> None:
-    from .. import hooks
-
-    registry = getattr(transformer, "_diffusers_hook", None)
-    hook = registry.hooks.get(HOOK_NAME) if registry is not None else None
-    for cache, reduce in reversed(getattr(hook, "caches", [])):
-        cache.reduce = reduce
     hooks.detach(transformer, HOOK_NAME)

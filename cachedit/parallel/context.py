@@ -10,11 +10,12 @@ router's `wrapper` runs every self/joint attention over the whole sequence:
 
 Every rank runs the whole pipeline with the same inputs; each transformer call does 1/world of the
 token work and every rank ends with the same output. Cache decisions are agreed across ranks
-(`StackCache.reduce` averages the statistic). Collectives go through the backend's communicators,
-metered (`stats()`), so exchanged bytes can be checked against the formula.
+(`ContextParallel.reduce`, a stage of the cache's reducer chain, averages the statistic).
+Collectives go through the backend's communicators, metered (`stats()`), so exchanged bytes can be
+checked against the formula.
 
 With tensor or CFG parallelism as well (`ParallelConfig.tensor` / `cfg`), the world is a (cfg,
-ring, ulysses, tensor) mesh (`tensor.hybrid_mesh`): the sequence is split over the ranks of one
+ring, ulysses, tensor) mesh (`mesh.hybrid_mesh`): the sequence is split over the ranks of one
 CFG half holding the same heads, and Ulysses trades those local heads.
 """
 
@@ -24,17 +25,19 @@ import fnmatch
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from .. import hooks
 from ..attention import select_kernel
 from ..config import ParallelConfig
+from ..modelinfo import head_dim, num_heads
+from .async_ulysses import install_async_ulysses
+from .mesh import check_world, hybrid_mesh
 from .metering import MeteredCommunicator
 from .plans import CPPlan, Gather, cp_plan_for, resolve, supported_classes
 from .ring import ring_attention
 from .sharding import GatherHook, LocalAttentionHook, ScopeHook, SequenceState, SplitHook
-from .ulysses import ulysses_attention
+from .ulysses import key_mask, ulysses_attention
 
 HOOK_PREFIX = "cachedit.cp"
 
@@ -50,35 +53,19 @@ def cp_mode(config: ParallelConfig) -> str | None:
     return None
 
 
-def _num_heads(transformer: nn.Module) -> int | None:
-    cfg = getattr(transformer, "config", {})
-    for key in ("num_attention_heads", "n_heads", "num_heads"):
-        value = cfg.get(key) if hasattr(cfg, "get") else None
-        if isinstance(value, int):
-            return value
-    return None
-
-
 def check_context_parallel(transformers: dict[str, nn.Module], config: ParallelConfig, kernels: list,
-                           attention: str | None, head_dim) -> None:
+                           attention: str | None) -> None:
     """Every check that can fail before a context-parallel plan is applied (ValueError)."""
     mode = cp_mode(config)
     if mode is None:
         return
-    n = config.world_size
-    launch = f"launch with `torchrun --nproc-per-node {n} ...` (or init_process_group with world_size={n})"
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError(f"parallel: ulysses={config.ulysses} x ring={config.ring} needs torch.distributed "
-                         f"initialised with world size {n}; {launch}")
-    if dist.get_world_size() != n:
-        raise ValueError(f"parallel: ulysses={config.ulysses} x ring={config.ring} needs world size {n}, but "
-                         f"torch.distributed has {dist.get_world_size()}; {launch}")
+    check_world(config)
     for name, t in transformers.items():
         if cp_plan_for(t) is None:
             raise ValueError(f"parallel: no context-parallel plan for pipe.{name} ({type(t).__name__}); "
                              f"supported: {', '.join(supported_classes())} (add one with "
                              f"cachedit.parallel.plans.register_cp_plan)")
-        heads = _num_heads(t)
+        heads = num_heads(t)
         if heads is not None and heads // config.tensor < config.ulysses:  # Ulysses splits a rank's heads
             raise ValueError(f"ParallelConfig.ulysses={config.ulysses} exceeds the {heads} attention heads of "
                              f"pipe.{name}; allowed: ulysses <= {heads} (use ring for the rest)")
@@ -92,29 +79,22 @@ def check_context_parallel(transformers: dict[str, nn.Module], config: ParallelC
             raise ValueError(f"parallel: {mode} attention needs {need} cp_mode={mode!r}: {exc}") from None
 
 
-def _communicators(config: ParallelConfig, backend, mesh=None):
-    """(world, ulysses, ring) communicators, metered; USP builds a 2-D (ring, ulysses) device mesh.
-    With a hybrid mesh (`tensor.hybrid_mesh`: cfg, ring, ulysses, tensor) "world" is this rank's
-    context-parallel group: the ranks of its CFG half holding the same heads."""
-    from ..plugins import manager
-
-    m = manager()
+def _communicators(config: ParallelConfig, communicator, mesh=None, device_type: str = "cpu"):
+    """(world, ulysses, ring) communicators, metered; `communicator(group)` makes one over a process group
+    (None: the world). With a hybrid mesh (`mesh.hybrid_mesh`: cfg, ring, ulysses, tensor; USP always has
+    one) "world" is this rank's context-parallel group: the ranks of its CFG half holding the same heads."""
+    if mesh is None and config.ring > 1 and config.ulysses > 1:
+        mesh = hybrid_mesh(config, device_type)
     if mesh is not None:
-        ulysses, ring = (MeteredCommunicator(m.communicator(backend, mesh.get_group(d))) if getattr(config, d) > 1
+        ulysses, ring = (MeteredCommunicator(communicator(mesh.get_group(d))) if getattr(config, d) > 1
                          else None for d in ("ulysses", "ring"))
         if ulysses is not None and ring is not None:
-            world = MeteredCommunicator(m.communicator(backend, mesh["ring", "ulysses"]._flatten().get_group()))
+            world = MeteredCommunicator(communicator(mesh["ring", "ulysses"]._flatten().get_group()))
         else:
             world = ulysses or ring
         return world, ulysses, ring
-    world = MeteredCommunicator(m.communicator(backend, None))
-    if config.ring == 1 or config.ulysses == 1:  # one dimension: it is the whole group
-        return world, world if config.ulysses > 1 else None, world if config.ring > 1 else None
-    from torch.distributed.device_mesh import init_device_mesh
-
-    mesh = init_device_mesh(backend.device_type, (config.ring, config.ulysses), mesh_dim_names=("ring", "ulysses"))
-    return (world, MeteredCommunicator(m.communicator(backend, mesh.get_group("ulysses"))),
-            MeteredCommunicator(m.communicator(backend, mesh.get_group("ring"))))
+    world = MeteredCommunicator(communicator(None))  # one dimension: it is the whole group
+    return world, world if config.ulysses > 1 else None, world if config.ring > 1 else None
 
 
 @dataclass
@@ -129,7 +109,6 @@ class ContextParallel:
     ulysses: MeteredCommunicator | None
     ring: MeteredCommunicator | None
     attached: list = field(default_factory=list)  # (module, hook name)
-    caches: list = field(default_factory=list)
     router: object = None
 
     # -- attention ---------------------------------------------------------------------------
@@ -141,7 +120,7 @@ class ContextParallel:
         if is_causal:
             raise ValueError("context parallelism does not support causal attention (the sequence is split and "
                              "reordered across ranks); DiT attention is not causal")
-        mask = _key_mask(attn_mask, key)
+        mask = key_mask(attn_mask, key)
         uneven = self.state.uneven
         if self.mode == "ulysses":
             kernel = router.kernel_for(query, key, mask, False, cp_mode="ulysses")
@@ -160,7 +139,7 @@ class ContextParallel:
                                  fp8=self.config.fp8_comm, async_op=self.config.async_ulysses)
 
     def reduce(self, stats: torch.Tensor) -> torch.Tensor:
-        """StackCache.reduce: the cache statistic averaged over every rank, so all decide alike."""
+        """A stage of the cache's reducer chain: the statistic averaged over every rank, so all decide alike."""
         return self.world.all_reduce(stats, "avg")
 
     def stats(self) -> dict:
@@ -179,25 +158,14 @@ class ContextParallel:
             comm.reset()
 
 
-def _key_mask(mask: torch.Tensor | None, key: torch.Tensor) -> torch.Tensor | None:
-    """The mask as (batch|1, heads|1, 1, keys); masks that depend on the query are refused."""
-    if mask is None:
-        return None
-    while mask.dim() < 4:
-        mask = mask.unsqueeze(0)
-    if mask.shape[-2] != 1 or mask.shape[-1] != key.shape[-2]:
-        raise ValueError(f"context parallelism supports key masks (broadcast over queries, last dim = keys); got "
-                         f"an attention mask of shape {tuple(mask.shape)} for {key.shape[-2]} local keys")
-    return mask
-
-
-def apply_context_parallel(transformer: nn.Module, config: ParallelConfig, backend, router, caches=(),
-                           mesh=None) -> ContextParallel:
-    """Hook `transformer` for context parallelism; `router` is its AttentionRouter, `caches` its StackCaches,
+def apply_context_parallel(transformer: nn.Module, config: ParallelConfig, communicator, router, mesh=None,
+                           device_type: str = "cpu") -> ContextParallel:
+    """Hook `transformer` for context parallelism; `communicator(group)` makes a communicator over a process
+    group, `router` is the transformer's AttentionRouter (its calls run through `ContextParallel.attend`),
     `mesh` the hybrid (cfg, ring, ulysses, tensor) device mesh when another dimension shares the world."""
     mode = cp_mode(config)
     plan = cp_plan_for(transformer)
-    world, ulysses, ring = _communicators(config, backend, mesh)
+    world, ulysses, ring = _communicators(config, communicator, mesh, device_type)
     state = SequenceState(world, world.world_size, world.rank)
     cp = ContextParallel(config, mode, plan, state, world, ulysses, ring, router=router)
     try:
@@ -215,15 +183,10 @@ def apply_context_parallel(transformer: nn.Module, config: ParallelConfig, backe
                 hooks.attach(module, LocalAttentionHook(state), f"{HOOK_PREFIX}.local")
                 cp.attached.append((module, f"{HOOK_PREFIX}.local"))
         if config.async_ulysses:  # per-family processors: q/k/v projections overlap the all-to-alls
-            from .async_ulysses import install_async_ulysses
-
             install_async_ulysses(transformer, cp)
         hooks.attach(transformer, ScopeHook(state), f"{HOOK_PREFIX}.scope")  # last: outermost
         cp.attached.append((transformer, f"{HOOK_PREFIX}.scope"))
-        router.wrapper = cp.attend
-        for cache in caches:
-            cache.reduce = cp.reduce
-            cp.caches.append(cache)
+        router.wrap(cp.attend)
     except BaseException:
         remove_context_parallel(cp)
         raise
@@ -232,11 +195,8 @@ def apply_context_parallel(transformer: nn.Module, config: ParallelConfig, backe
 
 def remove_context_parallel(cp: ContextParallel) -> None:
     """Undo `apply_context_parallel` exactly (hooks come off in reverse order)."""
-    for cache in cp.caches:
-        cache.reduce = None
-    if cp.router is not None and getattr(cp.router, "wrapper", None) == cp.attend:
-        cp.router.wrapper = None
+    if cp.router is not None:
+        cp.router.unwrap(cp.attend)
     for module, name in reversed(cp.attached):
         hooks.detach(module, name)
     cp.attached.clear()
-    cp.caches.clear()

@@ -30,9 +30,11 @@ from diffusers.hooks import ModelHook
 
 from .. import hooks
 from ..attention import AttentionRouter
+from ..routing import route, unroute
 from .context import apply_context_parallel, check_context_parallel, cp_mode, remove_context_parallel
+from .metering import MeteredCommunicator
 from .plans import CPPlan, Split, register_cp_plan
-from .tensor import apply_tensor_parallel, check_module, remove_tensor_parallel, tensor_communicator
+from .tensor import apply_tensor_parallel, check_module, remove_tensor_parallel
 from .tp_plans import tp_plan_for
 from .ulysses import split_sizes
 
@@ -56,7 +58,7 @@ def _nets(controlnet: nn.Module) -> list[nn.Module]:
     return list(nets) if isinstance(nets, nn.ModuleList) else [controlnet]
 
 
-def check_controlnet_parallel(pipe, config, kernels, attention, head_dim) -> None:
+def check_controlnet_parallel(pipe, config, kernels, attention) -> None:
     """Every check that can fail before the ControlNet is hooked (ValueError)."""
     if not config.controlnet:
         return
@@ -82,7 +84,7 @@ def check_controlnet_parallel(pipe, config, kernels, attention, head_dim) -> Non
             check_module(net, config.tensor, where, f"ParallelConfig.tensor={config.tensor} with controlnet=True")
     if context:
         check_context_parallel({f"controlnet.nets[{i}]" if len(nets) > 1 else "controlnet": net
-                                for i, net in enumerate(nets)}, config, kernels, attention, head_dim)
+                                for i, net in enumerate(nets)}, config, kernels, attention)
 
 
 class ResidualSplitHook(ModelHook):
@@ -118,7 +120,7 @@ class ControlNetParallel:
     context_parallel: list = field(default_factory=list)  # parallel.context.ContextParallel per net
     tensor_parallel: list = field(default_factory=list)  # parallel.tensor.TensorParallel per net
     routers: list = field(default_factory=list)
-    attention: list = field(default_factory=list)  # (module, hook name) routed through a router
+    attention: list = field(default_factory=list)  # modules routed through a router
     residuals: list = field(default_factory=list)  # transformers carrying the ResidualSplitHook
 
     def stats(self) -> list[dict]:
@@ -127,13 +129,11 @@ class ControlNetParallel:
                 for cp, tp in zip_longest(self.context_parallel, self.tensor_parallel)]
 
 
-def apply_controlnet_parallel(pipe, config, backend, kernels, attention, context_parallel: dict,
-                              mesh=None) -> ControlNetParallel:
+def apply_controlnet_parallel(pipe, config, kernels, attention, context_parallel: dict, communicator,
+                              mesh=None, device_type: str = "cpu") -> ControlNetParallel:
     """Hook `pipe.controlnet` (controlnet=True) and every context-parallel transformer of `pipe`
-    (`context_parallel`: transformer name -> ContextParallel) for ControlNet residuals; `mesh` is
-    the transformer's (ring, ulysses, tensor) mesh when it has one."""
-    from ..api import ATTENTION_HOOK, AttentionHook, _attention_modules  # here: api imports this module
-
+    (`context_parallel`: transformer name -> ContextParallel) for ControlNet residuals; `communicator(group)`
+    makes a communicator over a process group; `mesh` is the transformer's hybrid mesh when it has one."""
     applied = ControlNetParallel()
     try:
         context = cp_mode(config) is not None
@@ -141,15 +141,15 @@ def apply_controlnet_parallel(pipe, config, backend, kernels, attention, context
             for net in _nets(pipe.controlnet):
                 if context:
                     router = AttentionRouter(kernels, attention)
-                    for module in _attention_modules(net):
-                        hooks.attach(module, AttentionHook(router), ATTENTION_HOOK)
-                        applied.attention.append((module, ATTENTION_HOOK))
+                    applied.attention.extend(route(net, router))
                     applied.routers.append(router)
                 if config.tensor > 1:  # after the router, as on the transformer: reduces outside routing
+                    group = mesh.get_group("tensor") if mesh is not None else None
                     applied.tensor_parallel.append(
-                        apply_tensor_parallel(net, tp_plan_for(net), tensor_communicator(backend, mesh)))
+                        apply_tensor_parallel(net, tp_plan_for(net), MeteredCommunicator(communicator(group))))
                 if context:
-                    applied.context_parallel.append(apply_context_parallel(net, config, backend, router, mesh=mesh))
+                    applied.context_parallel.append(
+                        apply_context_parallel(net, config, communicator, router, mesh=mesh, device_type=device_type))
         for name, cp in context_parallel.items():
             transformer = getattr(pipe, name)
             hooks.attach(transformer, ResidualSplitHook(cp.state, config.controlnet), RESIDUAL_HOOK)
@@ -168,8 +168,7 @@ def remove_controlnet_parallel(applied: ControlNetParallel) -> None:
         remove_context_parallel(cp)
     for tp in reversed(applied.tensor_parallel):
         remove_tensor_parallel(tp)
-    for module, name in reversed(applied.attention):
-        hooks.detach(module, name)
+    unroute(applied.attention)
     applied.residuals.clear()
     applied.context_parallel.clear()
     applied.tensor_parallel.clear()

@@ -18,7 +18,7 @@ all-gathered, one all-gather each. Head counts must divide by the degree; other 
 MLP's hidden features, e.g. Z-Image's 8/3 ratio) may split unevenly, like `tensor_split`.
 
 Every rank of a tensor group ends each reduce with the same sum, so cache decisions agree without
-a reduce of their own. With context parallelism too (`hybrid_mesh`: (cfg, ring, ulysses, tensor),
+a reduce of their own. With context parallelism too (`mesh.hybrid_mesh`: (cfg, ring, ulysses, tensor),
 tensor innermost), the sequence is split over each context-parallel group, which averages the cache
 statistic over its ranks as usual; tensor peers hold identical values, so all groups agree.
 
@@ -35,12 +35,12 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from diffusers.hooks import ModelHook
 
 from .. import hooks
 from ..config import ParallelConfig
+from .mesh import check_world
 from .metering import MeteredCommunicator
 from .tp_plans import PackedColwiseParallel, PackedRowwiseParallel, STYLES, TPPlan, supported_tp_classes, tp_plan_for
 from .ulysses import split_sizes
@@ -118,19 +118,6 @@ def _splits(module: nn.Module, style, name: str) -> dict[str, Split | None]:
 
 def _divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
-
-
-def check_world(config: ParallelConfig) -> None:
-    """torch.distributed is initialised with exactly the product of the degrees."""
-    n = config.world_size
-    degrees = " x ".join(f"{k}={getattr(config, k)}" for k in ("ulysses", "ring", "tensor", "cfg")
-                         if getattr(config, k) > 1) or "every degree 1"
-    launch = f"launch with `torchrun --nproc-per-node {n} ...` (or init_process_group with world_size={n})"
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError(f"parallel: {degrees} needs torch.distributed initialised with world size {n}; {launch}")
-    if dist.get_world_size() != n:
-        raise ValueError(f"parallel: {degrees} needs world size {n}, but torch.distributed has "
-                         f"{dist.get_world_size()}; {launch}")
 
 
 def check_module(module: nn.Module, degree: int, where: str, setting: str) -> TPPlan:
@@ -341,27 +328,6 @@ def remove_tensor_parallel(tp: TensorParallel) -> None:
     tp.attached.clear()
     tp.attrs.clear()
     tp.params.clear()
-
-
-MESH_DIMS = ("cfg", "ring", "ulysses", "tensor")  # outermost first
-
-
-def hybrid_mesh(config: ParallelConfig, device_type: str):
-    """The (cfg, ring, ulysses, tensor) device mesh when more than one degree is > 1; None when one
-    dimension is the whole world. cfg outermost: each CFG half is a block of ranks with its own
-    context- and tensor-parallel groups; tensor innermost: a tensor group is neighbouring ranks."""
-    if sum(getattr(config, d) > 1 for d in MESH_DIMS) < 2:
-        return None
-    from torch.distributed.device_mesh import init_device_mesh
-
-    return init_device_mesh(device_type, tuple(getattr(config, d) for d in MESH_DIMS), mesh_dim_names=MESH_DIMS)
-
-
-def tensor_communicator(backend, mesh=None) -> MeteredCommunicator:
-    """The metered communicator over this rank's tensor group (the world when there is no mesh)."""
-    from ..plugins import manager
-
-    return MeteredCommunicator(manager().communicator(backend, mesh.get_group("tensor") if mesh is not None else None))
 
 
 # -- text encoders ---------------------------------------------------------------------------------

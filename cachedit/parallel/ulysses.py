@@ -37,7 +37,7 @@ def gather_lengths(comm: Communicator, *lengths: int, device: torch.device) -> l
     return [got[:, i].tolist() for i in range(len(lengths))]
 
 
-class _Exchange:
+class Exchange:
     """One all-to-all of a (batch, heads, seq, head_dim) tensor, optionally in flight and FP8-packed."""
 
     def __init__(self, comm: Communicator, x: torch.Tensor, scatter_dim: int, gather_dim: int,
@@ -86,19 +86,31 @@ def ulysses_attention(comm: Communicator, query: torch.Tensor, key: torch.Tensor
         kv_split = q_heads
 
     def send(x, sizes, lens):
-        return _Exchange(comm, x, HEADS, SEQ, sizes, lens, fp8, async_op)
+        return Exchange(comm, x, HEADS, SEQ, sizes, lens, fp8, async_op)
 
     # In flight together when async: q is unpacked while k and v are still arriving.
     xq, xk, xv = send(query, q_heads, q_lens), send(key, kv_split, k_lens), send(value, kv_split, k_lens)
     if mask is not None:
-        mask = _gather_key_mask(comm, mask, q_heads, heads, uneven)
+        mask = gather_key_mask(comm, mask, q_heads, heads, uneven)
     q, k, v = xq.wait(), xk.wait(), xv.wait()
     out = inner(q, k, v, mask)
-    back = _Exchange(comm, out, SEQ, HEADS, q_lens, q_heads, fp8, async_op=False)
+    back = Exchange(comm, out, SEQ, HEADS, q_lens, q_heads, fp8, async_op=False)
     return back.wait()
 
 
-def _gather_key_mask(comm: Communicator, mask: torch.Tensor, head_sizes: list[int], heads: int,
+def key_mask(mask: torch.Tensor | None, key: torch.Tensor) -> torch.Tensor | None:
+    """The mask as (batch|1, heads|1, 1, keys); masks that depend on the query are refused."""
+    if mask is None:
+        return None
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    if mask.shape[-2] != 1 or mask.shape[-1] != key.shape[-2]:
+        raise ValueError(f"context parallelism supports key masks (broadcast over queries, last dim = keys); got "
+                         f"an attention mask of shape {tuple(mask.shape)} for {key.shape[-2]} local keys")
+    return mask
+
+
+def gather_key_mask(comm: Communicator, mask: torch.Tensor, head_sizes: list[int], heads: int,
                      uneven: bool) -> torch.Tensor:
     """This rank's heads of the key mask, over every rank's keys (in the order the keys arrive)."""
     if mask.shape[HEADS] == heads and heads > 1:

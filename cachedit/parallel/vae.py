@@ -23,12 +23,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from diffusers.hooks import ModelHook
 
 from .. import hooks
 from ..attention import AttentionRouter
+from .mesh import check_world
 from .metering import MeteredCommunicator
 
 HOOK_PREFIX = "cachedit.vae"
@@ -225,12 +225,7 @@ def check_vae_parallel(pipe, config) -> None:
     if not config.vae:
         return
     _plan(getattr(pipe, "vae", None))
-    n = config.world_size
-    ready = dist.is_available() and dist.is_initialized()
-    if not ready or dist.get_world_size() != n:
-        have = f"has world size {dist.get_world_size()}" if ready else "is not initialised"
-        raise ValueError(f"ParallelConfig.vae=True splits the decode over world size {n} (the product of the degrees) "
-                         f"but torch.distributed {have}; launch with `torchrun --nproc-per-node {n} ...`")
+    check_world(config)  # the decode is split over every rank
 
 
 @dataclass
@@ -250,15 +245,13 @@ class VaeParallel:
         self.entry.calls.update(split=0, whole=0)
 
 
-def apply_vae_parallel(vae: nn.Module, backend, kernels: list) -> VaeParallel:
-    """Hook `vae.decoder` to decode in bands over every rank (`check_vae_parallel` first)."""
-    from ..plugins import manager
-
-    comm = MeteredCommunicator(manager().communicator(backend, None))
+def apply_vae_parallel(vae: nn.Module, comm, kernels: list) -> VaeParallel:
+    """Hook `vae.decoder` to decode in bands over `comm`, every rank (`check_vae_parallel` first)."""
+    comm = MeteredCommunicator(comm)
     state = BandState(comm)
     plan = _plan(vae)
-    router = AttentionRouter(kernels, None)  # the VAE's head dim (its channels) may not fit the user's kernel
-    router.wrapper = _attend(state)
+    # its own router: the VAE's head dim (its channels) may not fit the user's kernel
+    router = AttentionRouter(kernels, None, wrapper=_attend(state))
     vp = VaeParallel(comm, SplitDecodeHook(state, max([p for *_, p in plan] + [1])))
     try:
         for i, (module, kind, p) in enumerate(plan):

@@ -36,9 +36,9 @@ def _contexts(pipe) -> dict:
 
 def _live(pipe) -> int:
     """Cache states and memoised rotary outputs alive right now."""
-    caches = pipe._cachedit_state.caches["transformer"]
-    memos = [hook for _, hook in caches[0].memo]
-    return sum(len(c.states._state_cache) for c in caches) + sum(hook.last is not None for hook in memos)
+    cached = cachedit.applied(pipe)["cache"].parts["transformer"]
+    memos = [hook for _, hook in cached.memo]
+    return sum(len(c.states._state_cache) for c in cached.stacks) + sum(hook.last is not None for hook in memos)
 
 
 @pytest.fixture(scope="module")

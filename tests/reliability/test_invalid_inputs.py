@@ -119,7 +119,7 @@ CASES = [
     ("vae not a bool", dict(parallel={"vae": 1, "ulysses": 2}), ValueError, r"ParallelConfig\.vae=1"),
     ("ulysses without processes", dict(parallel={"ulysses": 2}), ValueError,
      r"parallel: ulysses=2 .*needs torch\.distributed initialised with world size 2"),
-    ("cfg without processes", dict(parallel={"cfg": 2}), ValueError, r"ParallelConfig\.cfg=2 needs torch\.distributed"),
+    ("cfg without processes", dict(parallel={"cfg": 2}), ValueError, r"parallel: cfg=2 needs torch\.distributed initialised with world size 2"),
     ("tensor with quantize", dict(parallel={"tensor": 2}, quantize=True), ValueError,
      r"ParallelConfig\.tensor=2 with quantize= is not supported"),
     ("parallel mutated", lambda: dict(parallel=_mutated(ParallelConfig(), ring=0)), ValueError,
@@ -195,7 +195,7 @@ def test_invalid_input_is_refused_and_changes_nothing(shared, kwargs, error, mat
     with pytest.raises(error, match=match):
         cachedit.accelerate(pipe, **{"device": "cpu_ref", **kwargs})
     assert _snapshot(pipe) == snap
-    assert not hasattr(pipe, "_cachedit_state")
+    assert not cachedit.is_accelerated(pipe)
     assert torch.equal(_run(pipe), before)  # same code path, same inputs: bitwise by construction
 
 
