@@ -1,0 +1,94 @@
+"""Taylor forecasts over the real timestep distance between computed steps, with a stability guard.
+
+TaylorSeer (calibrators.py) measures distance in step counts. With a shifted or otherwise uneven
+sigma schedule (FLUX.1-dev's dynamic shift, SD3's shift 3) equal step gaps are unequal distances
+along the trajectory, and the finite-difference derivatives are off by the schedule's curvature.
+Here the distance is the transformer's own `timestep` argument at each step (dbcache records it
+per step as a tensor view, so no host read is added). Without a recorded timestep the step index
+stands in, and the forecast equals TaylorSeer's.
+
+Orders above 1 extrapolate well over short skips and blow up over long ones. The guard drops a
+term whose norm exceeds `term_ratio` times the norm of the change the lower terms forecast, and
+falls back to first order when the forecast change exceeds `change_factor` times the last observed
+change (scaled by the skip length). Both are tensor selections, never host reads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..calibrators import Calibrator
+
+
+def _norm(t: torch.Tensor) -> torch.Tensor:
+    return t.float().norm()
+
+
+class TimedTaylor(Calibrator):
+    """Taylor expansion around the last computed step, derivatives by finite differences over
+    timestep distances; orders above 1 guarded."""
+
+    clock = "timestep"  # state.py hands it `position_of(step)`: the recorded timestep of a step
+    takes_order = True
+
+    def __init__(self, order: int = 1, guard: bool = True, term_ratio: float = 1.0, change_factor: float = 2.0):
+        super().__init__()
+        if isinstance(order, bool) or not isinstance(order, int) or order < 1:
+            raise ValueError(f"{type(self).__name__}.order={order!r} is invalid; allowed values: an integer >= 1")
+        self.order, self.guard = order, guard
+        self.term_ratio, self.change_factor = term_ratio, change_factor
+        self.position_of = None
+        self.anchor: int | None = None  # the last computed step
+        self.anchor_at = None  # its position
+        self.unit = None  # timestep distance per denoising step between the last two computed steps
+        self.observed = None  # norm of the last observed change between computed steps, and its distance
+        self.derivatives: list[torch.Tensor] = []
+        self.used_order = None  # the order the last forecast used (a tensor once guarded): for reports and tests
+
+    def position(self, step: int):
+        at = self.position_of(step) if self.position_of is not None else None
+        if at is None:
+            return float(step)
+        return at.float() if isinstance(at, torch.Tensor) else float(at)
+
+    def update(self, step: int, value: torch.Tensor) -> None:
+        at = self.position(step)
+        new = [value]
+        if self.anchor is not None and step > self.anchor:
+            gap = at - self.anchor_at
+            for old in self.derivatives[: self.order]:
+                new.append((new[-1] - old) / gap)
+            self.unit = gap / (step - self.anchor)
+            self.observed = (_norm(value - self.last), gap)
+        self.derivatives, self.anchor, self.anchor_at, self.last = new, step, at, value
+
+    def terms(self, dt) -> list[torch.Tensor]:
+        """The expansion's terms of order 1.. at distance `dt` from the anchor."""
+        return [d * (dt ** i / math.factorial(i)) for i, d in enumerate(self.derivatives[1:], start=1)]
+
+    def predict(self, step: int) -> torch.Tensor:
+        dt = self.position(step) - self.anchor_at
+        terms = self.terms(dt)
+        out = self.derivatives[0]
+        if not terms:
+            return out
+        change = terms[0]
+        if not self.guard or len(terms) == 1:
+            self.used_order = len(terms)
+            return out + sum(terms)
+        keep = torch.ones((), device=change.device)
+        used = torch.ones((), device=change.device)
+        for term in terms[1:]:
+            keep = keep * (_norm(term) <= self.term_ratio * _norm(change)).float()
+            change = change + term * keep.to(term.dtype)
+            used = used + keep
+        if self.observed is not None:
+            seen, gap = self.observed
+            reach = torch.clamp(torch.as_tensor(abs(dt / gap), device=change.device), min=1.0)
+            bounded = (_norm(change) <= self.change_factor * seen * reach)
+            change = torch.where(bounded, change, terms[0])
+            used = torch.where(bounded, used, torch.ones_like(used))
+        self.used_order = used
+        return out + change
