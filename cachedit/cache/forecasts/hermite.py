@@ -1,8 +1,9 @@
 """HiCache (arXiv 2508.16984): the Taylor forecast with its monomial basis replaced by scaled Hermite
 polynomials.
 
-The finite-difference derivatives are TimedTaylor's; the term of order i, D_i x^i / i! (x: the
-distance from the anchor in denoising steps), becomes D_i H~_i(x) / i! with the dual-scaled
+The derivative estimates are TimedTaylor's divided differences (c_i = f[t0..ti] ~ f^(i) / i!); the
+Taylor term of order i, c_i (u x)^i (x: the distance from the anchor in denoising steps, u the
+timestep distance per step), becomes c_i u^i H~_i(x) with the dual-scaled
 physicists' Hermite polynomial H~_i(x) = sigma^i H_i(sigma x). Its lower-degree parts pull a
 higher-order term back near the anchor and damp it less than a monomial grows far from it; the
 output scale sigma^i contracts high orders. sigma = 1/sqrt(2) (the default) gives the
@@ -35,10 +36,9 @@ class HiCache(TimedTaylor):
 
     sigma = 1 / math.sqrt(2)
 
-    def terms(self, dt) -> list[torch.Tensor]:
+    def terms(self, t) -> list[torch.Tensor]:
         if self.unit is None:
             return []
-        x = dt / self.unit
+        x = (t - self.anchor_at) / self.unit
         basis = scaled_hermite(len(self.derivatives) - 1, x, self.sigma)
-        return [d * (self.unit ** i * basis[i] / math.factorial(i))
-                for i, d in enumerate(self.derivatives[1:], start=1)]
+        return [d * (self.unit ** i * basis[i]) for i, d in enumerate(self.derivatives[1:], start=1)]

@@ -1,21 +1,23 @@
-"""Taylor forecasts over the real timestep distance between computed steps, with a stability guard.
+"""Polynomial forecasts over the real timestep distance between computed steps, with a stability guard.
 
-TaylorSeer (calibrators.py) measures distance in step counts. With a shifted or otherwise uneven
-sigma schedule (FLUX.1-dev's dynamic shift, SD3's shift 3) equal step gaps are unequal distances
-along the trajectory, and the finite-difference derivatives are off by the schedule's curvature.
-Here the distance is the transformer's own `timestep` argument at each step (dbcache records it
-per step as a tensor view, so no host read is added). Without a recorded timestep the step index
-stands in, and the forecast equals TaylorSeer's.
+TaylorSeer (calibrators.py) measures distance in step counts and differences each derivative
+against the previous one over the last gap only. With a shifted or otherwise uneven sigma
+schedule (FLUX.1-dev's dynamic shift, SD3's shift 3) equal step gaps are unequal distances along
+the trajectory, and even on an even grid its first derivative lags by f''/2 per gap. Here the
+distance is the transformer's own `timestep` argument at each step (dbcache records it per step
+as a tensor view, so no host read is added), and the coefficients are Newton divided differences
+over the last order+1 computed steps: the forecast is their interpolating polynomial, exact on
+polynomials of its order at any spacing. Without a recorded timestep the step index stands in.
 
 Orders above 1 extrapolate well over short skips and blow up over long ones. The guard drops a
 term whose norm exceeds `term_ratio` times the norm of the change the lower terms forecast, and
 falls back to first order when the forecast change exceeds `change_factor` times the last observed
-change (scaled by the skip length). Both are tensor selections, never host reads.
+change (scaled by the skip length). Both are tensor selections, never host reads. Norms are over
+the whole tensor: a turning point shared by every channel (the linear term vanishing) also drops
+the higher terms there, which a real feature map, with many channels, rarely has.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -27,8 +29,9 @@ def _norm(t: torch.Tensor) -> torch.Tensor:
 
 
 class TimedTaylor(Calibrator):
-    """Taylor expansion around the last computed step, derivatives by finite differences over
-    timestep distances; orders above 1 guarded."""
+    """Newton-form polynomial through the last order+1 computed steps, over timestep distances;
+    orders above 1 guarded. `derivatives[k]` is the divided difference f[t0..tk] (t0 the latest),
+    which estimates the k-th derivative / k!."""
 
     clock = "timestep"  # state.py hands it `position_of(step)`: the recorded timestep of a step
     takes_order = True
@@ -45,6 +48,7 @@ class TimedTaylor(Calibrator):
         self.unit = None  # timestep distance per denoising step between the last two computed steps
         self.observed = None  # norm of the last observed change between computed steps, and its distance
         self.derivatives: list[torch.Tensor] = []
+        self.nodes: list = []  # positions of the computed steps the differences span, latest first
         self.used_order = None  # the order the last forecast used (a tensor once guarded): for reports and tests
 
     def position(self, step: int):
@@ -56,21 +60,28 @@ class TimedTaylor(Calibrator):
     def update(self, step: int, value: torch.Tensor) -> None:
         at = self.position(step)
         new = [value]
+        nodes = [at]
         if self.anchor is not None and step > self.anchor:
             gap = at - self.anchor_at
-            for old in self.derivatives[: self.order]:
-                new.append((new[-1] - old) / gap)
+            for old, node in zip(self.derivatives[: self.order], self.nodes):
+                new.append((new[-1] - old) / (at - node))
+            nodes += self.nodes[: self.order]
             self.unit = gap / (step - self.anchor)
             self.observed = (_norm(value - self.last), gap)
-        self.derivatives, self.anchor, self.anchor_at, self.last = new, step, at, value
+        self.derivatives, self.nodes, self.anchor, self.anchor_at, self.last = new, nodes, step, at, value
 
-    def terms(self, dt) -> list[torch.Tensor]:
-        """The expansion's terms of order 1.. at distance `dt` from the anchor."""
-        return [d * (dt ** i / math.factorial(i)) for i, d in enumerate(self.derivatives[1:], start=1)]
+    def terms(self, t) -> list[torch.Tensor]:
+        """The Newton form's terms of order 1.. at position `t`."""
+        out, product = [], 1.0
+        for d, node in zip(self.derivatives[1:], self.nodes):
+            product = product * (t - node)
+            out.append(d * product)
+        return out
 
     def predict(self, step: int) -> torch.Tensor:
-        dt = self.position(step) - self.anchor_at
-        terms = self.terms(dt)
+        t = self.position(step)
+        dt = t - self.anchor_at
+        terms = self.terms(t)
         out = self.derivatives[0]
         if not terms:
             return out
