@@ -31,7 +31,8 @@ def methods(quick: bool = False) -> list[tuple[str, str, dict | None, object]]:
     new = {"interval TaylorSeer o1 (steps)": ("taylorseer", 1), "interval TaylorSeer o2 (steps)": ("taylorseer", 2),
            "interval taylor_t o2 guarded": ("taylor_t", 2), "interval taylor_t o3 guarded": ("taylor_t", 3),
            "interval taylor_t o2 unguarded": ("taylor_t_unguarded", 2), "interval HiCache o2": ("hicache", 2),
-           "interval FreqCa": ("freqca", 1), "interval FreqCa-low": ("freqca_low", 1), "interval FoCa": ("foca", 1)}
+           "interval FreqCa": ("freqca", 1), "interval FreqCa-low": ("freqca_low", 1), "interval FoCa": ("foca", 1),
+           "interval FreqCa cutoff 0.1 (DC)": ("freqca_c0.1", 1), "interval FreqCa cutoff 0.5": ("freqca_c0.5", 1)}
     for family, (calibrator, order) in new.items():
         for n in intervals:
             rows.append((family, f"{family} N={n}", dict(Fn=0, Bn=0, residual_diff_threshold=1.0, warmup_steps=2,
@@ -92,6 +93,10 @@ def main() -> None:
             super().__init__(order, guard=False)
 
     register_calibrator("taylor_t_unguarded", Unguarded)  # this sweep only: the guard's effect
+    from cachedit.cache.forecasts import FreqCa
+
+    for cutoff in (0.1, 0.5):  # and FreqCa's band split
+        register_calibrator(f"freqca_c{cutoff}", type(f"FreqCa{cutoff}", (FreqCa,), {"cutoff": cutoff}))
     load0, call, prompts = model_and_call("reference")
     prompts = prompts[: args.prompts]
 
