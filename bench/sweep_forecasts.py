@@ -71,6 +71,41 @@ def frontier_at(points: list[tuple[float, float]], target: float) -> float | Non
     return next((y for x, y in best if abs(x - target) < 1e-9), None)
 
 
+class BlockCounter:
+    """Per block: its FLOPs per call (one counted plain call) and how often it really computed since
+    `reset()` (a pre-hook on its attention module, which a skipped block never reaches)."""
+
+    def __init__(self, pipe, prompt: str, kwargs: dict) -> None:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from cachedit.adapters import adapter_for
+
+        transformer = pipe.transformer
+        self.blocks = [b for stack in adapter_for(transformer).stacks(transformer) for b in stack]
+        self.calls = [0] * len(self.blocks)
+        self.handles = [b.attn.register_forward_pre_hook(lambda *_, i=i: self._count(i))
+                        for i, b in enumerate(self.blocks)]
+        with FlopCounterMode(display=False) as counter:
+            pipe(prompt=prompt, **kwargs)
+        counts = counter.get_flop_counts()
+        names = {m: n for n, m in transformer.named_modules()}
+        self.flops = []
+        for i, block in enumerate(self.blocks):
+            mine = [sum(v.values()) for k, v in counts.items() if k == names[block] or k.endswith("." + names[block])]
+            self.flops.append(max(mine) / self.calls[i])
+        self.plain = sum(self.flops[i] * self.calls[i] for i in range(len(self.blocks)))  # one plain call
+        self.reset()
+
+    def _count(self, i: int) -> None:
+        self.calls[i] += 1
+
+    def reset(self) -> None:
+        self.calls = [0] * len(self.blocks)
+
+    def executed(self) -> float:
+        return sum(f * c for f, c in zip(self.flops, self.calls))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--prompts", type=int, default=4)
@@ -110,25 +145,28 @@ def main() -> None:
 
     plain = load()
     blocks = block_names(plain.transformer)
-    refs, base = {}, 0
-    for i, p in enumerate(prompts):
-        refs[p], _, b = counted(plain, p, call(args.steps, i), blocks)
-        base += b
+    counter = BlockCounter(plain, prompts[0], call(args.steps, 0))
+    refs = {p: plain(prompt=p, **call(args.steps, i))[0] for i, p in enumerate(prompts)}
     results = []
     for family, name, cache, factory in methods(args.quick):
-        pipe = plain if cache is not None else load()
-        if cache is not None:
-            cachedit.accelerate(pipe, device="auto", cache=cache)
-        else:
+        scores = []
+        if cache is not None:  # executed block FLOPs: each block's calls that really computed
+            cachedit.accelerate(plain, device="auto", cache=cache)
+            counter.reset()
+            for i, p in enumerate(prompts):
+                scores.append(psnr(plain(prompt=p, **call(args.steps, i))[0], refs[p]))
+            flops = counter.executed()
+            cachedit.disable(plain)
+        else:  # a peer, on a pipeline of its own: FLOPs counted
+            pipe = load()
             pipe.transformer.enable_cache(factory())
-        flops, scores = 0, []
-        for i, p in enumerate(prompts):
-            out, _, b = counted(pipe, p, call(args.steps, i), blocks)
-            flops += b
-            scores.append(psnr(out, refs[p]))
-        if cache is not None:
-            cachedit.disable(pipe)
-        row = {"family": family, "method": name, "ideal": base / flops, "psnr_db": sum(scores) / len(scores)}
+            flops = 0
+            for i, p in enumerate(prompts):
+                out, _, b = counted(pipe, p, call(args.steps, i), blocks)
+                flops += b
+                scores.append(psnr(out, refs[p]))
+        row = {"family": family, "method": name, "ideal": counter.plain * len(prompts) / flops,
+               "psnr_db": sum(scores) / len(scores)}
         results.append(row)
         print(f"{name}: ideal {row['ideal']:.2f}x PSNR {row['psnr_db']:.2f} dB", flush=True)
     families = sorted({r["family"] for r in results})

@@ -148,6 +148,26 @@ def test_interval_policy_computes_every_nth_step_per_cfg_branch():
         cachedit.CacheConfig(Fn=0, policy="interval", policy_options={"interval": 0})
 
 
+@pytest.mark.parametrize("calibrator", ["taylor_t", "hicache", "freqca", "freqca_low"])
+def test_new_calibrators_under_dbcache_threshold_zero_are_exact_and_forecast_when_skipping(calibrator):
+    pipe = tiny_pipeline("flux")
+    base = _run(pipe)
+    config = dict(Fn=1, Bn=0, warmup_steps=3, calibrator=calibrator, taylorseer_order=2)
+    cachedit.accelerate(pipe, device="cpu_ref", cache={**config, "residual_diff_threshold": 0})
+    assert torch.equal(_run(pipe), base)
+    cachedit.disable(pipe)
+    cachedit.accelerate(pipe, device="cpu_ref", cache={**config, "residual_diff_threshold": 100.0,
+                                                       "max_continuous_cached_steps": 2})
+    forecast = _run(pipe)
+    cachedit.disable(pipe)
+    cachedit.accelerate(pipe, device="cpu_ref", cache={**config, "residual_diff_threshold": 100.0,
+                                                       "max_continuous_cached_steps": 2, "calibrator": None})
+    reuse = _run(pipe)
+    assert _contexts(pipe)["cond"]["cached_steps"] == [3, 4, 6, 7]
+    assert torch.isfinite(forecast).all() and not torch.equal(forecast, reuse)
+    cachedit.disable(pipe)
+
+
 def test_the_timestep_clock_reads_the_transformer_timestep_of_each_step():
     seen = []
 
