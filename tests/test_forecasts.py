@@ -14,7 +14,7 @@ import torch
 
 import cachedit
 from cachedit.cache.calibrators import CALIBRATORS, TaylorSeer, register_calibrator
-from cachedit.cache.forecasts import FreqCa, FreqCaLow, HiCache, TimedTaylor
+from cachedit.cache.forecasts import FreqCa, FreqCaLow, HiCache, TimedTaylor, TimedTaylorSeer
 from cachedit.cache.forecasts.frequency import low_pass
 from cachedit.metrics import psnr
 from cachedit.testing.tiny import tiny_call_kwargs, tiny_pipeline
@@ -65,18 +65,32 @@ def test_without_timesteps_the_step_index_is_the_clock():
 def test_guard_drops_divergent_terms():
     f = lambda t: torch.full((4,), (-2.0) ** t, dtype=torch.float64)  # noqa: E731  oscillating, exploding
     steps = {s: float(s) for s in range(6)}
+    first_order = torch.full((4,), 4 + 18.0, dtype=torch.float64)
     plain = _fed(TimedTaylor(2, guard=False), f, (0, 1, 2), steps)
-    # f[2] = 4, f[2,1] = 6, f[2,1,0] = 4.5: at t = 5 the second-order term 4.5 (5-2)(5-1) = 54 exceeds the first (18)
+    # f[2] = 4, f[2,1] = 6, f[2,1,0] = 4.5: at t = 5 the second-order term 4.5 (5-2)(5-1) = 54, the first 18
     assert torch.allclose(plain.predict(5), torch.full((4,), 4 + 18 + 54.0, dtype=torch.float64))
+    # default guard: the change 72 exceeds 2 x the last observed change 6 x the reach 3 = 36: first order
     guarded = _fed(TimedTaylor(2), f, (0, 1, 2), steps)
-    assert torch.allclose(guarded.predict(5), torch.full((4,), 4 + 18.0, dtype=torch.float64))
-    assert int(guarded.used_order) == 1
-    # a loose term ratio lets the term through; the change bound (2 x the last change 6 x reach 3 = 36 < 72) does not
-    loose = _fed(TimedTaylor(2, term_ratio=10.0), f, (0, 1, 2), steps)
-    assert torch.allclose(loose.predict(5), torch.full((4,), 4 + 18.0, dtype=torch.float64))
-    assert int(loose.used_order) == 1
+    assert torch.allclose(guarded.predict(5), first_order) and int(guarded.used_order) == 1
+    # the term guard alone: 54 > 1.0 x 18
+    term = _fed(TimedTaylor(2, term_ratio=1.0, change_factor=math.inf), f, (0, 1, 2), steps)
+    assert torch.allclose(term.predict(5), first_order) and int(term.used_order) == 1
     free = _fed(TimedTaylor(2, term_ratio=10.0, change_factor=10.0), f, (0, 1, 2), steps)
     assert torch.allclose(free.predict(5), plain.predict(5)) and int(free.used_order) == 2
+
+
+def test_timed_taylorseer_is_taylorseer_over_timestep_distances():
+    line = _poly(1)
+    for order in (1, 2, 3):  # exact on lines at uneven timesteps (higher differences of a line vanish)
+        assert torch.allclose(_fed(TimedTaylorSeer(order), line).predict(8), line(TIMES[8]), rtol=1e-9)
+    f = _poly(3)
+    even = {s: 0.1 * s for s in range(STEPS)}  # evenly spaced timesteps: TaylorSeer's step counts, rescaled
+    seer, steps_seer = _fed(TimedTaylorSeer(2, guard=False), f, times=even), TaylorSeer(2)
+    for s in COMPUTED:
+        steps_seer.update(s, f(even[s]))
+    assert torch.allclose(seer.predict(8), steps_seer.predict(8), rtol=1e-9)
+    assert not torch.allclose(_fed(TimedTaylorSeer(2, guard=False), _poly(2)).predict(8), _poly(2)(TIMES[8]),
+                              rtol=1e-3)  # its lagging differences are not exact on a parabola
 
 
 def test_hicache_is_the_scaled_hermite_expansion():

@@ -8,12 +8,13 @@ from ..policies import register_policy
 from .frequency import FreqCa, FreqCaLow
 from .hermite import HiCache
 from .interval import Interval
-from .taylor import TimedTaylor
+from .taylor import TimedTaylor, TimedTaylorSeer
 
 register_calibrator("taylor_t", TimedTaylor)
+register_calibrator("taylorseer_t", TimedTaylorSeer)
 register_calibrator("hicache", HiCache)
 register_calibrator("freqca", FreqCa)
 register_calibrator("freqca_low", FreqCaLow)
 register_policy(Interval)
 
-__all__ = ["FreqCa", "FreqCaLow", "HiCache", "Interval", "TimedTaylor"]
+__all__ = ["FreqCa", "FreqCaLow", "HiCache", "Interval", "TimedTaylor", "TimedTaylorSeer"]

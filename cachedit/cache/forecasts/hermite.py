@@ -40,5 +40,6 @@ class HiCache(TimedTaylor):
         if self.unit is None:
             return []
         x = (t - self.anchor_at) / self.unit
-        basis = scaled_hermite(len(self.derivatives) - 1, x, self.sigma)
-        return [d * (self.unit ** i * basis[i]) for i, d in enumerate(self.derivatives[1:], start=1)]
+        coefficients = self.coefficients()
+        basis = scaled_hermite(len(coefficients) - 1, x, self.sigma)
+        return [c * (self.unit ** i * basis[i]) for i, c in enumerate(coefficients[1:], start=1)]

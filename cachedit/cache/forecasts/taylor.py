@@ -19,6 +19,8 @@ the higher terms there, which a real feature map, with many channels, rarely has
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..calibrators import Calibrator
@@ -35,8 +37,9 @@ class TimedTaylor(Calibrator):
 
     clock = "timestep"  # state.py hands it `position_of(step)`: the recorded timestep of a step
     takes_order = True
+    newton = True  # False: TaylorSeer's scheme (TimedTaylorSeer)
 
-    def __init__(self, order: int = 1, guard: bool = True, term_ratio: float = 1.0, change_factor: float = 2.0):
+    def __init__(self, order: int = 1, guard: bool = True, term_ratio: float = 4.0, change_factor: float = 2.0):
         super().__init__()
         if isinstance(order, bool) or not isinstance(order, int) or order < 1:
             raise ValueError(f"{type(self).__name__}.order={order!r} is invalid; allowed values: an integer >= 1")
@@ -64,14 +67,23 @@ class TimedTaylor(Calibrator):
         if self.anchor is not None and step > self.anchor:
             gap = at - self.anchor_at
             for old, node in zip(self.derivatives[: self.order], self.nodes):
-                new.append((new[-1] - old) / (at - node))
+                new.append((new[-1] - old) / ((at - node) if self.newton else gap))
             nodes += self.nodes[: self.order]
             self.unit = gap / (step - self.anchor)
             self.observed = (_norm(value - self.last), gap)
         self.derivatives, self.nodes, self.anchor, self.anchor_at, self.last = new, nodes, step, at, value
 
+    def coefficients(self) -> list[torch.Tensor]:
+        """Estimates of f^(k) / k! at the anchor, k = 0.. (the Taylor coefficients)."""
+        if self.newton:
+            return list(self.derivatives)
+        return [d / math.factorial(k) for k, d in enumerate(self.derivatives)]
+
     def terms(self, t) -> list[torch.Tensor]:
-        """The Newton form's terms of order 1.. at position `t`."""
+        """The expansion's terms of order 1.. at position `t`."""
+        if not self.newton:
+            dt = t - self.anchor_at
+            return [d * (dt ** i / math.factorial(i)) for i, d in enumerate(self.derivatives[1:], start=1)]
         out, product = [], 1.0
         for d, node in zip(self.derivatives[1:], self.nodes):
             product = product * (t - node)
@@ -103,3 +115,12 @@ class TimedTaylor(Calibrator):
             used = torch.where(bounded, used, torch.ones_like(used))
         self.used_order = used
         return out + change
+
+
+class TimedTaylorSeer(TimedTaylor):
+    """TaylorSeer's scheme over timestep distances: each difference taken over the last gap only,
+    Taylor terms dt^i / i!. Its higher derivatives lag (D1 by f''/2 per gap), so it is exact on
+    lines only, but the lag damps long extrapolations. Equal to TaylorSeer when the timesteps are
+    evenly spaced (as on a shift-1 flow-matching schedule), up to rounding; guarded likewise."""
+
+    newton = False
