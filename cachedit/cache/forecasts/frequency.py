@@ -8,7 +8,8 @@ blocks, one tensor per stream, as everywhere in cachedit. The split is an FFT ov
 grid: 2-D when the token count is a square (image tokens of a square latent), 1-D over tokens
 otherwise (text tokens, other aspect ratios); the low band is the radial frequencies up to
 `cutoff` of the highest. `FreqCaLow` is the reverse split (low forecast, high reused), for
-comparison.
+comparison. Under context parallelism a block's tokens are sharded, and the split is over the
+local shard's tokens, not the whole grid.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ term whose norm exceeds `term_ratio` times the norm of the change the lower term
 falls back to first order when the forecast change exceeds `change_factor` times the last observed
 change (scaled by the skip length). Both are tensor selections, never host reads. Norms are over
 the whole tensor: a turning point shared by every channel (the linear term vanishing) also drops
-the higher terms there, which a real feature map, with many channels, rarely has.
+the higher terms there, which a real feature map, with many channels, rarely has. Under context
+parallelism the norms are each rank's own (not reduced): shards may keep different orders.
 """
 
 from __future__ import annotations
