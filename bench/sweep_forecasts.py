@@ -112,6 +112,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--shift", type=float, default=1.0)
     parser.add_argument("--quick", action="store_true", help="only the interval-policy families")
+    parser.add_argument("--families", default="", help="comma-separated family names to keep (default: all)")
     parser.add_argument("--out", default="bench/out/forecasts")
     args = parser.parse_args()
     quiet_third_party()
@@ -148,7 +149,10 @@ def main() -> None:
     counter = BlockCounter(plain, prompts[0], call(args.steps, 0))
     refs = {p: plain(prompt=p, **call(args.steps, i))[0] for i, p in enumerate(prompts)}
     results = []
+    keep = {f.strip() for f in args.families.split(",") if f.strip()}
     for family, name, cache, factory in methods(args.quick):
+        if keep and family not in keep:
+            continue
         scores = []
         if cache is not None:  # executed block FLOPs: each block's calls that really computed
             cachedit.accelerate(plain, device="auto", cache=cache)
@@ -179,7 +183,7 @@ def main() -> None:
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = f"shift{args.shift:g}_p{len(prompts)}"
+    tag = f"shift{args.shift:g}_p{len(prompts)}" + ("_some" if keep else "")
     (out / f"sweep_{tag}.json").write_text(json.dumps({"args": vars(args), "rows": results}, indent=1))
     (out / f"sweep_{tag}.md").write_text(text + "\n")
 
