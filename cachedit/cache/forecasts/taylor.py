@@ -8,6 +8,9 @@ distance is the transformer's own `timestep` argument at each step (dbcache reco
 as a tensor view, so no host read is added), and the coefficients are Newton divided differences
 over the last order+1 computed steps: the forecast is their interpolating polynomial, exact on
 polynomials of its order at any spacing. Without a recorded timestep the step index stands in.
+Measured on the reference model (bench/sweep_forecasts.py), neither helped: under a shift-3
+schedule TaylorSeer's step counts beat timestep distances by 0.5-1.5 dB, and its lagging
+differences beat the exact Newton ones at skips of 3 or more steps. Kept as options, not defaults.
 
 Orders above 1 extrapolate well over short skips and blow up over long ones. The guard drops a
 term whose norm exceeds `term_ratio` times the norm of the change the lower terms forecast, and
