@@ -29,7 +29,8 @@ def methods(quick: bool = False) -> list[tuple[str, str, dict | None, object]]:
     rows = []
     intervals = (2, 3, 4, 5, 6)
     new = {"interval TaylorSeer o1 (steps)": ("taylorseer", 1), "interval TaylorSeer o2 (steps)": ("taylorseer", 2),
-           "interval taylorseer_t o2 (timesteps)": ("taylorseer_t", 2), "interval taylor_t o2 guarded": ("taylor_t", 2), "interval taylor_t o3 guarded": ("taylor_t", 3),
+           "interval taylorseer_t o2 (timesteps)": ("taylorseer_t", 2), "interval taylor_t o2 guarded": ("taylor_t", 2),
+           "interval taylor_t o3 guarded": ("taylor_t", 3),
            "interval taylor_t o2 unguarded": ("taylor_t_unguarded", 2), "interval HiCache o2": ("hicache", 2),
            "interval FreqCa": ("freqca", 1), "interval FreqCa-low": ("freqca_low", 1), "interval FoCa": ("foca", 1),
            "interval FreqCa cutoff 0.1 (DC)": ("freqca_c0.1", 1), "interval FreqCa cutoff 0.5": ("freqca_c0.5", 1)}
