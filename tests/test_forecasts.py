@@ -182,6 +182,15 @@ def test_new_calibrators_under_dbcache_threshold_zero_are_exact_and_forecast_whe
     cachedit.disable(pipe)
 
 
+def test_the_tuner_searches_the_intervals_with_every_calibrator():
+    from cachedit.tune import search_space
+
+    found = {(c.cache["calibrator"], c.cache["policy_options"]["interval"]) for c in search_space(["interval"])}
+    assert found == {(calibrator, n) for calibrator in CALIBRATORS for n in (2, 3, 4, 5, 6)}
+    for candidate in search_space(["interval"], ["foca"]):
+        cachedit.CacheConfig(**candidate.cache)  # each one a valid config
+
+
 def test_the_timestep_clock_reads_the_transformer_timestep_of_each_step():
     seen = []
 

@@ -15,6 +15,12 @@ from ..policies import Policy, whole_number
 
 class Interval(Policy):
     name = "interval"
+    tune_intervals = (2, 3, 4, 5, 6)  # what `cachedit tune` tries (the threshold only has to be > 0)
+
+    @classmethod
+    def tune_space(cls) -> list[dict]:
+        return [dict(Fn=0, Bn=0, residual_diff_threshold=1.0, warmup_steps=2, policy_options={"interval": n})
+                for n in cls.tune_intervals]
 
     def __init__(self, interval: int = 3) -> None:
         self.interval = whole_number(self.name, "interval", interval, 1)
