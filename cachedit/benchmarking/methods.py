@@ -121,6 +121,12 @@ def default_methods(steps: int, mag_ratios=None, calibrated: dict | None = None)
     for t in (0.1, 0.2, 0.4, 0.8):
         methods.append(cachedit_method(f"Forecast t={t} +FoCa", Fn=1, Bn=0, residual_diff_threshold=t,
                                        warmup_steps=2, policy="forecast", calibrator="foca"))
+    for n in (2, 3, 4, 5):  # the fixed-interval full-stack forecast (issue 15), with the new calibrators
+        for label, calibrator, order in (("FoCa", "foca", 1), ("TimedTaylor o2", "taylor_t", 2),
+                                         ("HiCache o2", "hicache", 2), ("FreqCa", "freqca", 1)):
+            methods.append(cachedit_method(f"interval N={n} F0B0 +{label}", Fn=0, Bn=0, residual_diff_threshold=1.0,
+                                           warmup_steps=2, policy="interval", policy_options={"interval": n},
+                                           calibrator=calibrator, taylorseer_order=order))
     for policy in ("medium", "fast", "ultra"):
         methods.append(cachedit_method(f"step mask {policy} +TaylorSeer", Fn=1, Bn=0, residual_diff_threshold=0,
                                        warmup_steps=0, steps_mask=policy, mask_mode="static",

@@ -29,6 +29,8 @@ class TaylorSeer(Calibrator):
     """Taylor expansion around the last computed step, derivatives by finite differences over
     the actual gaps between computed steps (TaylorSeer, arXiv 2503.06923)."""
 
+    takes_order = True  # built with CacheConfig.taylorseer_order
+
     def __init__(self, order: int = 1) -> None:
         super().__init__()
         self.order = order
@@ -97,4 +99,5 @@ def register_calibrator(name: str, cls: type[Calibrator]) -> None:
 
 
 def make_calibrator(name: str | None, order: int = 1) -> Calibrator:
-    return TaylorSeer(order) if name == "taylorseer" else CALIBRATORS[name]()
+    cls = CALIBRATORS[name]
+    return cls(order) if getattr(cls, "takes_order", False) else cls()

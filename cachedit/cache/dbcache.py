@@ -55,6 +55,7 @@ class StackCache:
                                     per_context=lambda name: {"threshold": config.threshold_for(name)})
         self.policy = make_policy(config.policy, dict(config.policy_options))
         self.modulated_input: Callable | None = None  # set from the adapter when the policy needs it
+        self.timestep = None  # this transformer call's timestep argument, a tensor view never read on the host
         self.last_call: dict[str, dict] = {}  # reports of the last finished call, per context
 
     # -- step bookkeeping ----------------------------------------------------------------------
@@ -69,6 +70,8 @@ class StackCache:
             st.continuous = 0
         st.skipping = False
         st.blocks_total += len(self.blocks)
+        if self.timestep is not None:  # calibrators with a timestep clock measure distances with it
+            st.positions[st.step] = self.timestep
 
     def in_warmup(self, st: CallState) -> bool:
         warm = self.config.warmup_steps
@@ -259,15 +262,23 @@ class CallContextHook(ModelHook):
         self.runs.clear()
         return module
 
-    def _timestep(self, args, kwargs) -> float | None:
+    def _timestep_value(self, args, kwargs):
+        """The call's timestep as given: a 0-dim tensor view (no host read), a number, or None."""
         value = kwargs.get(self.timestep_arg) if self.timestep_arg is not None else None
         if value is None and self.timestep_index is not None and self.timestep_index < len(args):
             value = args[self.timestep_index]
         if isinstance(value, torch.Tensor):
-            return float(value.reshape(-1)[0]) if value.numel() else None
+            return value.reshape(-1)[0] if value.numel() else None
         return float(value) if isinstance(value, (int, float)) else None
 
+    def _timestep(self, args, kwargs) -> float | None:
+        value = self._timestep_value(args, kwargs)
+        return None if value is None else float(value)
+
     def new_forward(self, module: nn.Module, *args, **kwargs):
+        timestep = self._timestep_value(args, kwargs)
+        for cache in self.caches:
+            cache.timestep = timestep
         context = self.caches[0].states.context_info  # set by the pipeline's cache_context, if any
         direct = self.scope is None or not self.scope.active
         if not direct and (context is not None or not self.infer_branches):

@@ -48,10 +48,14 @@ class CallState(BaseState):
     encoder_residual: Calibrator | None = None
     block_inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # DBPrune
     block_residuals: dict[int, tuple] = field(default_factory=dict)  # DBPrune
+    positions: dict = field(default_factory=dict)  # step -> the transformer's timestep at that step (tensor view)
 
     def __post_init__(self) -> None:
         self.hidden_residual = make_calibrator(self.calibrator, self.order)
         self.encoder_residual = make_calibrator(self.calibrator, self.order)
+        for calibrator in (self.hidden_residual, self.encoder_residual):
+            if getattr(calibrator, "clock", "step") == "timestep":  # distances between steps from the timesteps
+                calibrator.position_of = self.positions.get
 
     def reset(self) -> None:
         self.__init__(self.calibrator, self.order, self.threshold)
