@@ -75,6 +75,7 @@ class CacheConfig:
     mask_mode: str = "dynamic"  # "static": masked steps always cache; "dynamic": they still check the threshold
     policy: str = "dbcache"  # the skip signal: dbcache, teacache, magcache, easycache (cachedit.cache.policies)
     policy_options: dict = field(default_factory=dict)
+    per_sample: bool = False  # decide per row of a batch (cache/per_sample.py); False: one decision per batch
 
     def __post_init__(self) -> None:
         n = "CacheConfig"
@@ -117,6 +118,10 @@ class CacheConfig:
         if self.policy != "dbcache" and self.mode != "dbcache":
             _fail(n, "policy", self.policy, "'dbcache' when mode='dbprune' (pruning decides per block)")
         make_policy(self.policy, dict(self.policy_options)).check_config(self)
+        _check_choice(n, "per_sample", self.per_sample, (False, True))
+        if self.per_sample and self.mode != "dbcache":
+            _fail(n, "per_sample", self.per_sample, "False when mode='dbprune' (per-sample decisions are built for "
+                  "mode='dbcache')")
 
     def check_blocks(self, num_blocks: int) -> None:
         if self.Fn + self.Bn > num_blocks:

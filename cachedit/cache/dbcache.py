@@ -27,7 +27,9 @@ from diffusers.hooks.hooks import CacheContext
 from .. import hooks
 from ..adapters import Adapter, BlockIO, _param_names, block_io, modulated_input
 from ..config import CacheConfig
+from . import per_sample
 from .masks import resolve_mask
+from .per_sample import PerSampleState
 from .memo import apply_memo, remove_memo
 from .policies import Probe, make_policy
 from .runs import RunTracker
@@ -49,7 +51,8 @@ class StackCache:
         self.last_middle = len(blocks) - config.Bn - 1
         self.num_steps = num_steps
         self.reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # set by parallel plans
-        self.states = ContextStates(CallState, (config.calibrator, config.taylorseer_order))
+        state_cls = PerSampleState if config.per_sample else CallState
+        self.states = ContextStates(state_cls, (config.calibrator, config.taylorseer_order))
         self.policy = make_policy(config.policy, dict(config.policy_options))
         self.modulated_input: Callable | None = None  # set from the adapter when the policy needs it
         self.last_call: dict[str, dict] = {}  # reports of the last finished call, per context
@@ -151,6 +154,8 @@ class StackCache:
         return probe
 
     def run_block(self, index: int, forward, module, args, kwargs):
+        if self.config.per_sample:  # one decision per row of the batch (per_sample.py)
+            return per_sample.run_block(self, index, forward, module, args, kwargs)
         st: CallState = self.states.get_state()
         if index == 0:
             self.begin_step(st)

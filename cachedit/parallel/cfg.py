@@ -137,9 +137,10 @@ class CfgParallelHook(ModelHook):
 
     def reduce(self, inner, stats: torch.Tensor) -> torch.Tensor:
         """A cache's reduce: its own (context-parallel) one, then, in a batched call, the average
-        over the two halves of the batch (equal halves: the mean over the whole batch)."""
+        over the two halves of the batch (equal halves: the mean over the whole batch). Per-sample
+        statistics (rows, `CacheConfig.per_sample`) belong to this half's own samples: not averaged."""
         stats = inner(stats) if inner is not None else stats
-        return self.comm.all_reduce(stats, "avg") if self.batched else stats
+        return self.comm.all_reduce(stats, "avg") if self.batched and stats.dim() == 1 else stats
 
 
 def _sample(output) -> torch.Tensor:
