@@ -28,6 +28,7 @@ from .. import hooks
 from ..adapters import Adapter, BlockIO, _param_names, block_io, modulated_input
 from ..config import CacheConfig
 from . import per_sample
+from .adapter_watch import HOOK_NAME as ADAPTER_HOOK, AdapterWatchHook
 from .masks import resolve_mask
 from .per_sample import PerSampleState
 from .memo import apply_memo, remove_memo
@@ -306,12 +307,14 @@ def apply_cache(transformer: nn.Module, adapter: Adapter, config: CacheConfig, n
             hooks.attach(block, BlockCacheHook(cache, i), HOOK_NAME)
         caches.append(cache)
     hooks.attach(transformer, CallContextHook(caches, adapter.text_arg is not None, scope), BRANCH_HOOK)
+    hooks.attach(transformer, AdapterWatchHook(caches), ADAPTER_HOOK)  # adapter changes: fresh state
     caches[0].memo = apply_memo(transformer, adapter.pure_modules)
     return caches
 
 
 def remove_cache(transformer: nn.Module, caches: list[StackCache]) -> None:
     remove_memo(getattr(caches[0], "memo", []) if caches else [])
+    hooks.detach(transformer, ADAPTER_HOOK)
     hooks.detach(transformer, BRANCH_HOOK)
     for cache in caches:
         for block in cache.blocks:
