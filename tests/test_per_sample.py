@@ -45,9 +45,11 @@ def _singles_and_batch(family, cache, prompts=PROMPTS, **extra):
     return torch.cat(singles), batch, decisions, _contexts(pipe)
 
 
-@pytest.mark.parametrize("calibrator", [None, "taylorseer"])
-def test_batch_of_three_prompts_equals_three_single_runs(calibrator):
-    cache = dict(TINY_CACHE, calibrator=calibrator)
+@pytest.mark.parametrize("settings", [dict(), dict(calibrator="taylorseer"),
+                                      dict(Fn=0, policy="teacache", residual_diff_threshold=0.5, calibrator="foca")],
+                         ids=["dbcache", "taylorseer", "teacache+foca"])
+def test_batch_of_three_prompts_equals_three_single_runs(settings):
+    cache = dict(TINY_CACHE, **settings)
     singles, batch, decisions, contexts = _singles_and_batch("flux", dict(cache, per_sample=True))
     assert len({str(d) for d in decisions}) > 1, "the prompts must decide differently, or nothing is tested"
     for name, report in contexts.items():  # each row of the batch decided as its prompt alone did
@@ -126,11 +128,12 @@ def test_per_sample_is_validated():
 
 # ---------------------------------------------------------------------------------------------
 # 2 gloo ranks, one spawn: Ulysses (each rank holds every sample, half of each sequence: the
-# per-sample statistics are averaged over the ranks) and CFG parallelism on batched CFG (each half
-# holds other samples: their statistics are its own).
+# per-sample statistics are averaged over the ranks), CFG parallelism on batched CFG (each half
+# holds other samples: their statistics are its own) and tensor parallelism.
 # ---------------------------------------------------------------------------------------------
 
-JOBS = [dict(family="flux", parallel=dict(ulysses=2)), dict(family="sd3", parallel=dict(cfg=2))]
+JOBS = [dict(family="flux", parallel=dict(ulysses=2)), dict(family="sd3", parallel=dict(cfg=2)),
+        dict(family="flux", parallel=dict(tensor=2))]  # tensor peers hold the same rows: no reduce needed
 
 
 def _on_rank(rank, world, jobs):

@@ -11,7 +11,9 @@ the branches are rows too, so each sample of each branch decides alone.
 
 Which inputs are batched: tensors (also inside tuples, lists and dicts) whose first dim is the
 batch size, as CFG parallelism splits them. A non-batched tensor whose first dim equals the batch
-size by chance (e.g. a rotary table with as many positions as samples) would be sliced wrongly.
+size by chance (e.g. a rotary table with as many positions as samples) would be sliced wrongly. A
+text stream of one row broadcast over the batch (FLUX's unconditional call with one negative prompt)
+stays whole for the computing rows and is expanded where their outputs are scattered back.
 
 Under parallelism each row's statistic is reduced over the ranks on its own, as a (1, 2) row (CFG
 parallelism's batched-call average applies to batch-level statistics only: the two halves hold
@@ -147,6 +149,8 @@ def run_block(cache, index: int, forward, module, args, kwargs):
         sub_hidden, sub_encoder = io.outputs(sub)
         hidden = hidden.index_copy(0, pst.index, sub_hidden)
         if encoder is not None and sub_encoder is not None:
+            if encoder.shape[0] != batch:  # one text stream broadcast over the batch (e.g. FLUX's negative prompt)
+                encoder = encoder.expand(batch, *encoder.shape[1:])
             encoder = encoder.index_copy(0, pst.index, sub_encoder)
         out = io.pack(hidden, encoder)
     for s in (pst.rows if middle else range(batch)):
