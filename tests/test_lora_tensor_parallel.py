@@ -2,6 +2,7 @@
 holds its slice of A / B (column-split q/k/v: B's rows; row-split to_out.0 and the single blocks'
 packed proj_out: A's columns), unfused and fused, with set_adapters weights, fuse / unfuse and unload
 after accelerate; every output equals the single-process pipeline under the same LoRA operations.
+A LoRA loaded after a tensor-parallel accelerate fails in peft (size mismatch) and leaves the model as it was.
 Tolerance: ATOL = 1e-5 on the fp32 output images (row-split sums are added in another order)."""
 
 from __future__ import annotations
@@ -73,6 +74,18 @@ def _rank(rank, world, path):
         shard = pipe.transformer.transformer_blocks[0].attn.to_q  # unloaded by now: the sharded base linear
         out[f"{fused_first} shape"] = tuple(shard.weight.shape)
         cd.disable(pipe)
+    # Loading after accelerate: peft shapes A / B for the shards and the load fails; the model stays as it was.
+    pipe = tp("flux")
+    cd.accelerate(pipe, device="cpu_ref", parallel=dict(tensor=2))
+    before = {n: p.clone() for n, p in pipe.transformer.named_parameters()}
+    try:
+        pipe.load_lora_weights(path, adapter_name="a")
+        out["load after"] = None
+    except Exception as exc:  # peft's own size-mismatch error
+        out["load after"] = type(exc).__name__
+    after = dict(pipe.transformer.named_parameters())
+    out["unchanged"] = before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+    out["plain"] = _run(pipe)
     return out
 
 
@@ -83,12 +96,15 @@ def test_lora_under_tensor_parallel_matches_one_process(lora_dir):
     for fused_first in (False, True):
         expected[fused_first] = _sequence(tiny_pipeline("flux"), lora_dir, fused_first)
     assert not torch.equal(expected[False]["loaded"], expected[False]["set_adapters 0.5"]), "the weight must act"
+    plain = _run(tiny_pipeline("flux"))
     ranks = run_distributed(_rank, 2, args=(str(lora_dir),))
     for r in ranks:
         for fused_first in (False, True):
             for label, want in expected[fused_first].items():
                 got = r[fused_first][label]
                 assert (got - want).abs().max().item() <= ATOL, (fused_first, label)
+        assert r["load after"] == "RuntimeError" and r["unchanged"]
+        assert (r["plain"] - plain).abs().max().item() <= ATOL
         full = tiny_pipeline("flux").transformer.transformer_blocks[0].attn.to_q.weight.shape
         assert r["False shape"] == (full[0] // 2, full[1])  # each rank held its half of q
 

@@ -133,7 +133,8 @@ def test_per_sample_is_validated():
 # ---------------------------------------------------------------------------------------------
 
 JOBS = [dict(family="flux", parallel=dict(ulysses=2)), dict(family="sd3", parallel=dict(cfg=2)),
-        dict(family="flux", parallel=dict(tensor=2))]  # tensor peers hold the same rows: no reduce needed
+        dict(family="flux", parallel=dict(tensor=2)),  # tensor peers hold the same rows: no reduce needed
+        dict(family="flux", parallel=dict(cfg=2))]  # two-call CFG: each half runs one branch's states
 
 
 def _on_rank(rank, world, jobs):
