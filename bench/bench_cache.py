@@ -10,6 +10,9 @@ Three parts, every time a median of paired ratios (plain, accelerated, plain, ..
    TaylorSeerCache lite / full), ideal = executed transformer-block FLOPs;
 3. parity (no CFG: cache-dit 1.5.3 shares one state between CFG branches): cachedit and cache-dit at
    identical settings, whether their outputs are identical and cachedit's time / cache-dit's.
+4. batch (only with `--parts batch`; quality, no timing): the prompts in one batch against each prompt
+   run alone, batch-level (cachedit's default, cache-dit, diffusers FirstBlockCache) and per-sample
+   (`CacheConfig(per_sample=True)`) decisions; see cachedit/benchmarking/batch.py.
 """
 
 from __future__ import annotations
@@ -74,6 +77,14 @@ def main() -> None:
         part("parity with cache-dit", args.model,
              [*overhead_methods()[:1]] + [m for t in (0.1, 0.2) for ts in (False, True) for m in dbcache_pair(t, ts)],
              cfg=False)
+    if "batch" in parts:
+        from cachedit.benchmarking.batch import batch_markdown, run_batch_bench
+
+        load, call, prompts = model_and_call(args.model, cfg=True)
+        rows = run_batch_bench(load, call, prompts[:args.prompts], args.steps, log=lambda *a: None)
+        payload["batch"] = {"model": args.model, "cfg": True, "rows": rows}
+        text.extend([f"## batch: {args.model}, true CFG, {len(prompts[:args.prompts])} prompts in one batch",
+                     batch_markdown(rows), ""])
     save_table(args.out, "cache", payload, "\n".join(text))
 
 

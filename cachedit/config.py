@@ -78,6 +78,7 @@ class CacheConfig:
     policy: str = "dbcache"  # the skip signal: dbcache, teacache, magcache, easycache (cachedit.cache.policies)
     policy_options: dict = field(default_factory=dict)
     branch_thresholds: dict = field(default_factory=dict)  # cache context -> its own threshold, e.g. {"uncond": 0.3}
+    per_sample: bool = False  # decide per row of a batch (cache/per_sample.py); False: one decision per batch
 
     def __post_init__(self) -> None:
         n = "CacheConfig"
@@ -126,6 +127,10 @@ class CacheConfig:
             _check_number(n, f"branch_thresholds[{name!r}]", value)
         object.__setattr__(self, "branch_thresholds", {k: float(v) for k, v in self.branch_thresholds.items()})
         make_policy(self.policy, dict(self.policy_options)).check_config(self)
+        _check_choice(n, "per_sample", self.per_sample, (False, True))
+        if self.per_sample and self.mode != "dbcache":
+            _fail(n, "per_sample", self.per_sample, "False when mode='dbprune' (per-sample decisions are built for "
+                  "mode='dbcache')")
 
     def threshold_for(self, context: str) -> float:
         """The threshold of one cache context (CFG branch): its own in `branch_thresholds`, else the common one."""

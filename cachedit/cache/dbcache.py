@@ -28,7 +28,10 @@ from diffusers.hooks.hooks import CacheContext
 from .. import hooks
 from ..adapters import Adapter, BlockIO, _param_names, block_io, modulated_input
 from ..config import CacheConfig
+from . import per_sample
+from .adapter_watch import HOOK_NAME as ADAPTER_HOOK, AdapterWatchHook
 from .masks import resolve_mask
+from .per_sample import PerSampleState
 from .memo import apply_memo, remove_memo
 from .policies import Probe, make_policy
 from .runs import RunTracker
@@ -51,7 +54,8 @@ class StackCache:
         self.last_middle = len(blocks) - config.Bn - 1
         self.num_steps = num_steps
         self.reduce = reduce  # the statistic agreed over ranks: the reducer chain parallel plans add stages to
-        self.states = ContextStates(CallState, (config.calibrator, config.taylorseer_order),
+        state_cls = PerSampleState if config.per_sample else CallState
+        self.states = ContextStates(state_cls, (config.calibrator, config.taylorseer_order),
                                     per_context=lambda name: {"threshold": config.threshold_for(name)})
         self.policy = make_policy(config.policy, dict(config.policy_options))
         self.modulated_input: Callable | None = None  # set from the adapter when the policy needs it
@@ -161,6 +165,8 @@ class StackCache:
         return probe
 
     def run_block(self, index: int, forward, module, args, kwargs):
+        if self.config.per_sample:  # one decision per row of the batch (per_sample.py)
+            return per_sample.run_block(self, index, forward, module, args, kwargs)
         st: CallState = self.states.get_state()
         if index == 0:
             self.begin_step(st)
@@ -332,6 +338,7 @@ def apply_cache(transformer: nn.Module, adapter: Adapter, config: CacheConfig, n
         applied.memo = apply_memo(transformer, adapter.pure_modules)
         hooks.attach(transformer, CallContextHook(applied.stacks, adapter.text_arg is not None, scope, applied.memo),
                      BRANCH_HOOK)
+        hooks.attach(transformer, AdapterWatchHook(applied.stacks), ADAPTER_HOOK)  # adapter changes: fresh state
     except BaseException:
         remove_cache(transformer, applied)
         raise
@@ -340,6 +347,7 @@ def apply_cache(transformer: nn.Module, adapter: Adapter, config: CacheConfig, n
 
 def remove_cache(transformer: nn.Module, applied: CachedTransformer) -> None:
     remove_memo(applied.memo)
+    hooks.detach(transformer, ADAPTER_HOOK)
     hooks.detach(transformer, BRANCH_HOOK)
     for cache in applied.stacks:
         for block in cache.blocks:

@@ -137,8 +137,9 @@ class CfgParallelHook(ModelHook):
 
     def reduce(self, stats: torch.Tensor) -> torch.Tensor:
         """A stage of the cache's reducer chain (after the context-parallel one): in a batched call, the
-        average over the two halves of the batch (equal halves: the mean over the whole batch)."""
-        return self.comm.all_reduce(stats, "avg") if self.batched else stats
+        average over the two halves of the batch (equal halves: the mean over the whole batch). Per-sample
+        statistics (rows, `CacheConfig.per_sample`) belong to this half's own samples: not averaged."""
+        return self.comm.all_reduce(stats, "avg") if self.batched and stats.dim() == 1 else stats
 
 
 def _sample(output) -> torch.Tensor:

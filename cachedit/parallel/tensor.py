@@ -42,6 +42,7 @@ from .. import hooks
 from ..config import ParallelConfig
 from .mesh import check_world
 from .metering import MeteredCommunicator
+from .tp_lora import PlacementHook, check_lora, is_peft_layer, lora_parts
 from .tp_plans import PackedColwiseParallel, PackedRowwiseParallel, STYLES, TPPlan, supported_tp_classes, tp_plan_for
 from .ulysses import split_sizes
 
@@ -134,8 +135,8 @@ def check_module(module: nn.Module, degree: int, where: str, setting: str) -> TP
             raise ValueError(f"{setting} splits {where} over {degree} ranks, which does not divide its {heads} "
                              f"{kind}; allowed values: {_divisors(heads)} (divisors of {heads})")
     for name, sub, style in _matches(module, plan.linears):
-        for pname, split in _splits(sub, style, name).items():
-            if split is None or getattr(sub, pname, None) is None:
+        for part, pname, split in ((p, n, s) for p, splits in _parts(sub, style, name, setting) for n, s in splits.items()):
+            if split is None or getattr(part, pname, None) is None:
                 continue
             packed = len(split.blocks) > 1 or isinstance(style, (PackedColwiseParallel, PackedRowwiseParallel))
             bad = [b for b in split.blocks if (b % degree if packed else b < degree)]
@@ -274,6 +275,32 @@ def _attach(tp: TensorParallel, module: nn.Module, hook: ModelHook, kind: str) -
     tp.attached.append((module, name))
 
 
+def _parts(sub: nn.Module, style, name: str, setting: str) -> list[tuple[nn.Module, dict]]:
+    """The modules a planned linear's split reaches, with their splits: itself, or, under a peft LoRA
+    layer, its base layer and each adapter's A or B (`tp_lora.py`)."""
+    if not is_peft_layer(sub):
+        return [(sub, _splits(sub, style, name))]
+    check_lora(sub, style, name, setting)
+    return lora_parts(sub, style, _splits(sub.base_layer, style, name))
+
+
+def _shard(tp: TensorParallel, sub: nn.Module, splits: dict, degree: int, rank: int) -> None:
+    for pname, split in splits.items():
+        param = getattr(sub, pname, None)
+        if param is None:
+            continue
+        if split is None:  # a row-split bias: added once, by the first rank only
+            if rank != 0:
+                _replace_param(tp, sub, pname, None)
+        else:
+            _replace_param(tp, sub, pname, split.local(param.detach(), degree, rank))
+    if isinstance(sub, nn.Linear):
+        _set_attr(tp, sub, "out_features", sub.weight.shape[0])
+        _set_attr(tp, sub, "in_features", sub.weight.shape[1])
+    elif isinstance(sub, nn.Embedding):
+        _set_attr(tp, sub, "embedding_dim", sub.weight.shape[1])
+
+
 def apply_tensor_parallel(module: nn.Module, plan: TPPlan, comm: MeteredCommunicator) -> TensorParallel:
     """Shard `module` over `comm`'s ranks by `plan` (validated by `check_module` first)."""
     degree, rank = comm.world_size, comm.rank
@@ -281,21 +308,13 @@ def apply_tensor_parallel(module: nn.Module, plan: TPPlan, comm: MeteredCommunic
     try:
         with torch.no_grad():
             for name, sub, style in _matches(module, plan.linears):
-                splits = _splits(sub, style, name)
-                for pname, split in splits.items():
-                    param = getattr(sub, pname, None)
-                    if param is None:
-                        continue
-                    if split is None:  # a row-split bias: added once, by the first rank only
-                        if rank != 0:
-                            _replace_param(tp, sub, pname, None)
-                    else:
-                        _replace_param(tp, sub, pname, split.local(param.detach(), degree, rank))
-                if isinstance(sub, nn.Linear):
-                    _set_attr(tp, sub, "out_features", sub.weight.shape[0])
-                    _set_attr(tp, sub, "in_features", sub.weight.shape[1])
-                elif isinstance(sub, nn.Embedding):
-                    _set_attr(tp, sub, "embedding_dim", sub.weight.shape[1])
+                parts = _parts(sub, style, name, "ParallelConfig.tensor")
+                for part, splits in parts:
+                    _shard(tp, part, splits, degree, rank)
+                if is_peft_layer(sub):  # the wrapper's own record of its base layer's shape
+                    _set_attr(tp, sub, "out_features", sub.base_layer.out_features)
+                    _set_attr(tp, sub, "in_features", sub.base_layer.in_features)
+                splits = parts[0][1]
                 if style == "colwise_gather":
                     _attach(tp, sub, GatherHook(comm, splits["weight"].sizes(degree)), "gather")
                     tp.per_call["all_gather"] += 1
@@ -308,6 +327,8 @@ def apply_tensor_parallel(module: nn.Module, plan: TPPlan, comm: MeteredCommunic
             for _, sub, outputs in _matches(module, plan.reduce_points()):
                 _attach(tp, sub, ReduceHook(comm, outputs), "reduce")
                 tp.per_call["all_reduce"] += 1
+            if any(is_peft_layer(m) for m, _ in tp.attached):
+                _attach(tp, module, PlacementHook(tp), "placement")
     except BaseException:
         remove_tensor_parallel(tp)
         raise
