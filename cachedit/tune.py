@@ -7,8 +7,9 @@ Every registered policy declares its own search space (`Policy.tune_space`), cro
 registered calibrator, so a plugin's policy or calibrator is searched like the built-in ones. Each
 candidate runs on a few calibration prompts and seeds; its ideal speedup counts the transformer-block
 FLOPs it executed (`torch.utils.flop_counter`), its quality is the PSNR of its images against the
-uncached ones. Around the target, each of the best families is then bisected on its threshold, so
-the grid's spacing does not decide. The winner is written as a cache config file (its fields alone);
+uncached ones. With several calibration runs, every candidate is first screened on the first run and
+only the best families (`SCREEN_KEEP`) run on all of them. Around the target, each of the best
+families is then bisected on its threshold, so the grid's spacing does not decide. The winner is written as a cache config file (its fields alone);
 the trials go to a report JSON and the frontier to a PNG.
 """
 
@@ -26,6 +27,7 @@ import torch
 from .config import CacheConfig
 
 BISECTIONS = 2  # threshold refinements per family around the target
+SCREEN_KEEP = 8  # families kept after screening every candidate on the first calibration run
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,26 @@ def _bisect(evaluate: Evaluator, family: list[Trial], speedup: float | None, psn
         family.append(evaluate(Candidate(a.candidate.family, cache)))
 
 
+def _families(trials: list[Trial]) -> dict[str, list[Trial]]:
+    out: dict[str, list[Trial]] = {}
+    for trial in trials:
+        out.setdefault(trial.candidate.family, []).append(trial)
+    return out
+
+
+def _ranked(families: dict[str, list[Trial]], speedup: float | None, psnr: float | None) -> list[str]:
+    """Family names, best first at the target: PSNR at the speedup (interpolated, or its best point at or above
+    it), or the highest speedup reaching the PSNR."""
+    def score(name: str) -> float:
+        trials = families[name]
+        if speedup is not None:
+            best = choose(trials, speedup=speedup)
+            return max(value_at(trials, speedup), best.psnr_db if best else -math.inf)
+        best = choose(trials, psnr=psnr)
+        return best.ideal_speedup if best else -math.inf
+    return sorted(families, key=score, reverse=True)
+
+
 def tune(pipe, runs: list[dict], speedup: float | None = None, psnr: float | None = None,
          candidates: list[Candidate] | None = None, device: str = "auto", refine: int = 4,
          progress: Callable | None = None) -> tuple[Trial | None, list[Trial]]:
@@ -178,20 +200,19 @@ def tune(pipe, runs: list[dict], speedup: float | None = None, psnr: float | Non
     if not runs or not all(isinstance(r, dict) and "prompt" in r for r in runs):
         raise ValueError("tune: runs must be a non-empty list of pipeline-call dicts, each with a 'prompt'")
     candidates = search_space() if candidates is None else candidates
+    if len(runs) > 1 and len({c.family for c in candidates}) > SCREEN_KEEP:  # screen on the first run alone
+        first = Evaluator(pipe, runs[:1], device, progress)
+        for candidate in candidates:
+            first(candidate)
+        keep = set(_ranked(_families(first.trials), speedup, psnr)[:SCREEN_KEEP])
+        candidates = [c for c in candidates if c.family in keep]  # (the one-run trials are not returned)
     evaluate = Evaluator(pipe, runs, device, progress)
     for candidate in candidates:
         evaluate(candidate)
-    families: dict[str, list[Trial]] = {}
-    for trial in evaluate.trials:
-        families.setdefault(trial.candidate.family, []).append(trial)
-    threshold_families = {k: v for k, v in families.items() if len({t.candidate.threshold for t in v}) > 1}
-    if speedup is not None:
-        ranked = sorted(threshold_families, key=lambda k: value_at(families[k], speedup), reverse=True)
-    else:
-        ranked = sorted(threshold_families, key=lambda k: max(t.ideal_speedup for t in families[k]
-                                                              if t.psnr_db >= psnr) if any(
-            t.psnr_db >= psnr for t in families[k]) else 0.0, reverse=True)
-    for name in ranked[:refine]:
+    families = _families(evaluate.trials)
+    threshold_families = [k for k in _ranked(families, speedup, psnr)
+                          if len({t.candidate.threshold for t in families[k]}) > 1]
+    for name in threshold_families[:refine]:
         _bisect(evaluate, families[name], speedup, psnr)
     return choose(evaluate.trials, speedup, psnr), evaluate.trials
 

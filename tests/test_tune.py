@@ -96,3 +96,17 @@ def test_cli_writes_a_loadable_config_and_refuses_bad_targets(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["tune", "--speedup", "0.5", "--out", str(out)])
     assert exc.value.code == 2 and "--speedup" in capsys.readouterr().err
+
+
+def test_screening_keeps_the_best_families_for_the_full_runs(monkeypatch):
+    import cachedit.tune as tune_module
+
+    pipe = reference_pipeline()
+    runs = [dict(prompt=f"a handwritten digit {d}", **reference_call_kwargs(num_inference_steps=STEPS, seed=d))
+            for d in (2, 6)]
+    monkeypatch.setattr(tune_module, "SCREEN_KEEP", 1)
+    candidates = [Candidate(f"dbcache +{c}", dict(Fn=1, Bn=0, residual_diff_threshold=t, warmup_steps=2, calibrator=c))
+                  for c in (None, "taylorseer") for t in (0.1, 0.6)]
+    best, trials = tune(pipe, runs, speedup=1.3, candidates=candidates, refine=0)
+    assert len({t.candidate.family for t in trials}) == 1 and len(trials) == 2  # one family ran on both prompts
+    assert best is not None and best.ideal_speedup >= 1.3
