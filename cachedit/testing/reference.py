@@ -52,7 +52,9 @@ import diffusers
 import torch
 
 __all__ = [
+    "REFERENCE_FAMILIES",
     "REFERENCE_MODEL_DIR",
+    "REFERENCE_SD3_MODEL_DIR",
     "digit_classifier",
     "digit_features",
     "digit_images",
@@ -62,6 +64,10 @@ __all__ = [
 ]
 
 REFERENCE_MODEL_DIR: pathlib.Path = pathlib.Path(__file__).resolve().parent / "reference_model"
+REFERENCE_SD3_MODEL_DIR: pathlib.Path = pathlib.Path(__file__).resolve().parent / "reference_model_sd3"
+REFERENCE_FAMILIES: tuple[str, ...] = ("flux", "sd3")
+REFERENCE_MODEL_DIRS: dict[str, pathlib.Path] = {"flux": REFERENCE_MODEL_DIR, "sd3": REFERENCE_SD3_MODEL_DIR}
+DEFAULT_CFG_SCALES: dict[str, float] = {"flux": 2.0, "sd3": 3.0}
 
 IMAGE_SIZE = 32  # pixels; the 8x8 digits are upsampled 4x
 MAX_SEQUENCE_LENGTH = 24  # "a handwritten digit 7" is 19 tokens with the tiny T5 tokenizer
@@ -74,33 +80,51 @@ def digit_prompt(d: int) -> str:
     return f"a handwritten digit {int(d)}"
 
 
+def _check_family(family: str) -> None:
+    if family not in REFERENCE_FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(map(repr, REFERENCE_FAMILIES))}, got {family!r}")
+
+
 def reference_pipeline(
-    dtype: torch.dtype = torch.float32, path: str | pathlib.Path | None = None
-) -> diffusers.FluxPipeline:
-    """Loads the shipped reference pipeline (or the one at ``path``): offline, on CPU, progress bar disabled."""
-    pipe = diffusers.FluxPipeline.from_pretrained(
-        str(path or REFERENCE_MODEL_DIR), dtype=dtype, local_files_only=True
-    )
+    dtype: torch.dtype = torch.float32, path: str | pathlib.Path | None = None, *, family: str = "flux"
+) -> diffusers.DiffusionPipeline:
+    """Loads the shipped reference pipeline of ``family`` (``"flux"``: :class:`diffusers.FluxPipeline`, ``"sd3"``:
+    :class:`diffusers.StableDiffusion3Pipeline`), or the one at ``path``: offline, on CPU, progress bar disabled."""
+    _check_family(family)
+    cls = diffusers.FluxPipeline if family == "flux" else diffusers.StableDiffusion3Pipeline
+    pipe = cls.from_pretrained(str(path or REFERENCE_MODEL_DIRS[family]), dtype=dtype, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def reference_call_kwargs(num_inference_steps: int = 28, seed: int = 0, *, true_cfg_scale: float = 2.0) -> dict:
-    """Keyword arguments (besides the prompt) for a deterministic sample of the reference pipeline.
+def reference_call_kwargs(
+    num_inference_steps: int = 28, seed: int = 0, *, true_cfg_scale: float | None = None, family: str = "flux"
+) -> dict:
+    """Keyword arguments (besides the prompt) for a deterministic sample of the reference pipeline of ``family``.
 
-    True classifier-free guidance with the empty negative prompt (the model was trained with 10% prompt dropout), so
-    every step makes 2 transformer calls, in the ``"cond"`` and ``"uncond"`` cache contexts. ``true_cfg_scale=1.0``
-    turns it off (1 call per step; less reliable digits: ~85% instead of 100% are recognised).
+    Classifier-free guidance with the empty negative prompt (both models were trained with prompt dropout to ``""``).
+    ``true_cfg_scale`` is the guidance scale (default: 2.0 for ``"flux"``, 3.0 for ``"sd3"``); 1.0 turns it off.
+
+    * ``"flux"``: true CFG (``negative_prompt=""``, ``true_cfg_scale``): every step makes 2 transformer calls, in the
+      ``"cond"`` and ``"uncond"`` cache contexts; without it ~85% instead of 100% of the digits are recognised.
+    * ``"sd3"``: ``guidance_scale`` (SD3's CFG; the negative prompt defaults to ``""``): 1 transformer call per step on
+      a batch of 2, uncond then cond; without it far fewer digits are recognised (see the module docstring).
     """
+    _check_family(family)
+    if true_cfg_scale is None:
+        true_cfg_scale = DEFAULT_CFG_SCALES[family]
     kwargs = dict(
         height=IMAGE_SIZE,
         width=IMAGE_SIZE,
-        guidance_scale=1.0,  # no guidance embedding: ignored by the transformer
         max_sequence_length=MAX_SEQUENCE_LENGTH,
         num_inference_steps=num_inference_steps,
         generator=torch.Generator("cpu").manual_seed(seed),
         output_type="pt",
     )
+    if family == "sd3":
+        kwargs.update(guidance_scale=max(true_cfg_scale, 1.0))  # <= 1: no CFG, 1 call on a batch of 1
+        return kwargs
+    kwargs.update(guidance_scale=1.0)  # no guidance embedding: ignored by the transformer
     if true_cfg_scale > 1.0:
         kwargs.update(negative_prompt="", true_cfg_scale=true_cfg_scale)
     return kwargs
