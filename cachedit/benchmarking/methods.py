@@ -173,9 +173,11 @@ def calibrate_mag_ratios(load: Callable, call: Callable, prompt: str, steps: int
 
 def model_and_call(model: str, cfg: bool = True):
     """(load, call(steps, seed), default prompts) for a model name or a pipeline folder: 'reference' (the shipped
-    trained model), 'flux9' (its pipeline around a random 3 + 6 block, hidden 128 FLUX transformer: for
-    overhead, nothing caches on random weights), 'tiny' (the random tiny FLUX pipeline).
-    `cfg=False` turns the reference model's true classifier-free guidance off (one transformer call per step)."""
+    trained FLUX model), 'reference-sd3' (the shipped trained SD3 model, CFG batched in one call), 'flux9' (the
+    FLUX reference pipeline around a random 3 + 6 block, hidden 128 FLUX transformer: for overhead, nothing caches on
+    random weights), 'tiny' (the random tiny FLUX pipeline).
+    `cfg=False` turns the reference models' classifier-free guidance off (one transformer call per step on the
+    prompt batch alone)."""
     from ..generate import call_kwargs, load_pipeline
 
     if model == "flux9":  # overhead only: the reference pipeline around a random 9-block transformer
@@ -199,12 +201,15 @@ def model_and_call(model: str, cfg: bool = True):
             return kwargs
 
         return lambda: tiny_pipeline("flux"), call, ["a photo of a cat", "a red monkey"]
-    prompts = [f"a handwritten digit {d}" for d in range(10)] if model == "reference" else ["a photo of a cat"]
+    reference = model in ("reference", "reference-sd3")
+    prompts = [f"a handwritten digit {d}" for d in range(10)] if reference else ["a photo of a cat"]
 
     def call(steps, seed):
         kwargs = call_kwargs(model, steps, seed)
         if not cfg:
             kwargs.pop("negative_prompt", None), kwargs.pop("true_cfg_scale", None)
+            if model == "reference-sd3":
+                kwargs["guidance_scale"] = 1.0  # SD3: CFG is guidance_scale > 1
         return kwargs
 
     return (lambda: load_pipeline(model)), call, prompts
