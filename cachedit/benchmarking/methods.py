@@ -55,6 +55,12 @@ def cache_dit_method(name: str, taylorseer: bool = False, role: str = "", **cfg)
     return Method("cache-dit", name, apply, cache_dit.disable_cache, {**cfg, "taylorseer": taylorseer}, role)
 
 
+def diffusers_can_cache(pipe) -> bool:
+    """diffusers' caches are enabled through its `CacheMixin.enable_cache`, which only some transformer classes
+    have (diffusers 0.42.1: not `SD3Transformer2DModel`); the bench leaves their rows out elsewhere."""
+    return hasattr(pipe.transformer, "enable_cache")
+
+
 def diffusers_method(name: str, config_factory: Callable, **settings) -> Method:
     return Method("diffusers", name, lambda p: p.transformer.enable_cache(config_factory()),
                   lambda p: p.transformer.disable_cache(), settings)
@@ -93,9 +99,11 @@ def peer_overhead_methods() -> list[Method]:
     return [m for m in (never, fbc) if m is not None]
 
 
-def default_methods(steps: int, mag_ratios=None, calibrated: dict | None = None) -> list[Method]:
+def default_methods(steps: int, mag_ratios=None, calibrated: dict | None = None,
+                    diffusers_caches: bool = True) -> list[Method]:
     """Every method and setting the frontier is drawn from. `calibrated`: cachedit's own TeaCache
-    polynomial and MagCache ratios for this model ({"teacache": {...}, "magcache": {...}})."""
+    polynomial and MagCache ratios for this model ({"teacache": {...}, "magcache": {...}}).
+    `diffusers_caches=False` leaves diffusers' own caches out (see `diffusers_can_cache`)."""
     from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
 
     methods = [UNCACHED, *overhead_methods()]
@@ -125,6 +133,8 @@ def default_methods(steps: int, mag_ratios=None, calibrated: dict | None = None)
         methods.append(cachedit_method(f"step mask {policy} +TaylorSeer", Fn=1, Bn=0, residual_diff_threshold=0,
                                        warmup_steps=0, steps_mask=policy, mask_mode="static",
                                        calibrator="taylorseer"))
+    if not diffusers_caches:
+        return methods
     for t in (0.05, 0.1, 0.2, 0.3):
         methods.append(diffusers_method(f"diffusers FirstBlockCache t={t}",
                                         lambda t=t: FirstBlockCacheConfig(threshold=t), threshold=t))
@@ -160,6 +170,8 @@ def calibrate_mag_ratios(load: Callable, call: Callable, prompt: str, steps: int
     logger.setLevel(logging.INFO)
     try:
         pipe = load()
+        if not diffusers_can_cache(pipe):
+            return None
         pipe.transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=steps))
         pipe(prompt=prompt, **call(steps, 0))
     finally:
