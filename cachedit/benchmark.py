@@ -18,8 +18,9 @@ from .benchmarking.report import headline, headline_text, markdown
 def add_arguments(p) -> None:
     from .arguments import model_source, positive_int, writable_dir
 
-    p.add_argument("--model", default="reference", type=model_source("reference", "tiny", "flux9"),
-                   help="'reference' (built in), 'flux9' (random 9-block FLUX), 'tiny' (random FLUX) or a folder")
+    p.add_argument("--model", default="reference", type=model_source("reference", "reference-sd3", "tiny", "flux9"),
+                   help="'reference' / 'reference-sd3' (built in, trained FLUX / SD3), 'flux9' (random 9-block FLUX), "
+                        "'tiny' (random FLUX) or a folder")
     p.add_argument("--steps", type=positive_int, default=28)
     p.add_argument("--repeats", type=positive_int, default=3, help="timed pairs (plain, accelerated) per prompt")
     p.add_argument("--prompts", nargs="+", default=None, help="default: digits 0-9 prompts for the reference model")

@@ -23,8 +23,8 @@ PARALLEL_MODES = ("none", "ulysses", "ring", "usp", "tp", "cfg")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="reference", type=model_source("reference"),
-                   help="a diffusers pipeline folder, or 'reference' (built in)")
+    p.add_argument("--model", default="reference", type=model_source(*REFERENCE_MODELS),
+                   help="a diffusers pipeline folder, or 'reference' / 'reference-sd3' (built in)")
     p.add_argument("--prompt", default="a handwritten digit 7")
     p.add_argument("--steps", type=positive_int, default=28)
     p.add_argument("--seed", type=int, default=0)
@@ -111,21 +111,25 @@ def quant_config(name: str | None) -> dict | None:
     return {"scheme": "int8", "weight_only": True} if name == "int8-weight-only" else {"scheme": name}
 
 
+# The built-in trained reference models: name -> family (cachedit.testing.reference).
+REFERENCE_MODELS = {"reference": "flux", "reference-sd3": "sd3"}
+
+
 def load_pipeline(model: str):
-    if model == "reference":
+    if model in REFERENCE_MODELS:
         from .testing.reference import reference_pipeline
 
-        return reference_pipeline()
+        return reference_pipeline(family=REFERENCE_MODELS[model])
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.from_pretrained(model)
 
 
 def call_kwargs(model: str, steps: int, seed: int) -> dict:
-    if model == "reference":
+    if model in REFERENCE_MODELS:
         from .testing.reference import reference_call_kwargs
 
-        return reference_call_kwargs(num_inference_steps=steps, seed=seed)
+        return reference_call_kwargs(num_inference_steps=steps, seed=seed, family=REFERENCE_MODELS[model])
     return {"num_inference_steps": steps, "generator": torch.Generator().manual_seed(seed), "output_type": "pt"}
 
 

@@ -248,8 +248,8 @@ def add_arguments(p) -> None:
     from .cache.calibrators import CALIBRATORS
     from .cache.policies import POLICIES
 
-    p.add_argument("--model", default="reference", type=model_source("reference", "tiny"),
-                   help="'reference' (built in), 'tiny' or a pipeline folder")
+    p.add_argument("--model", default="reference", type=model_source("reference", "reference-sd3", "tiny"),
+                   help="'reference' / 'reference-sd3' (built in), 'tiny' or a pipeline folder")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--speedup", type=finite_float, help="target ideal speedup: the best PSNR at or above it")
     target.add_argument("--psnr", type=finite_float, help="target PSNR (dB): the fastest configuration at or above it")
@@ -275,7 +275,7 @@ def run(args) -> int:
         raise UserError(f"--speedup {args.speedup} is invalid; allowed values: a number > 1")
     if args.psnr is not None and args.psnr <= 0:
         raise UserError(f"--psnr {args.psnr} is invalid; allowed values: a number of dB > 0")
-    if args.model in ("reference", "tiny"):
+    if args.model in ("reference", "reference-sd3", "tiny"):
         torch.set_num_threads(1)  # the built-in small models: intra-op threads only add overhead
     load, call, default_prompts = model_and_call(args.model)
     prompts = args.prompts or default_prompts[-3:]  # the bench's first prompts stay unseen

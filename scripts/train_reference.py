@@ -174,6 +174,27 @@ def batch_for_length(batch: int, length: int, image_tokens: int) -> int:
     return max(1, round(batch * (MAX_SEQUENCE_LENGTH + image_tokens) / (length + image_tokens)))
 
 
+def schedule_progress(step: int, steps: int, t0: float, budget: float | None) -> float:
+    """Fraction of the schedule done: by step count, or by elapsed time when a ``--minutes`` budget runs out first."""
+    return step / steps if budget is None else max(step / steps, (time.time() - t0) / budget)
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float, step: int, warmup: int, progress: float) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine decay to 5% of ``lr`` at ``progress`` 1."""
+    cur_lr = lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+    for group in opt.param_groups:
+        group["lr"] = cur_lr
+    return cur_lr
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, models: torch.nn.Module, step: int) -> None:
+    """EMA of the weights, decay ramping up to 0.995 (short runs: the early average is not stuck at the init)."""
+    decay = min(0.995, (1 + step) / (10 + step))
+    for p_ema, p in zip(ema.parameters(), models.parameters()):
+        p_ema.lerp_(p, 1 - decay)
+
+
 def train_transformer(
     pipe: diffusers.FluxPipeline,
     latents: torch.Tensor,
@@ -205,12 +226,10 @@ def train_transformer(
     budget = None if minutes is None else minutes * 60.0
     step, loss_avg = 0, None
     while True:
-        progress = step / steps if budget is None else max(step / steps, (time.time() - t0) / budget)
+        progress = schedule_progress(step, steps, t0, budget)
         if progress >= 1.0:
             break
-        cur_lr = lr * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
-        for group in opt.param_groups:
-            group["lr"] = cur_lr
+        cur_lr = set_lr(opt, lr, step, warmup, progress)
         # Padding-length augmentation: FluxPipeline pads the T5 prompt to max_sequence_length (512 by default) and
         # passes no attention mask, so the model must give the same digits whatever the number of pad tokens.
         length = pad_lengths[0]
@@ -241,10 +260,7 @@ def train_transformer(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
         opt.step()
-        decay = min(0.995, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), models.parameters()):
-                p_ema.lerp_(p, 1 - decay)
+        ema_update(ema, models, step)
         loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
         if step % 50 == 0:
             log(f"dit step {step:5d} loss {loss_avg:.4f} lr {cur_lr:.2e} T5 length {length} ({time.time() - t0:.0f}s)")
@@ -263,9 +279,11 @@ def generate(
     *,
     true_cfg_scale: float = 2.0,
     max_sequence_length: int | None = MAX_SEQUENCE_LENGTH,
+    family: str = "flux",
 ) -> torch.Tensor:
-    """Samples with :func:`reference_call_kwargs`; ``max_sequence_length=None`` leaves diffusers' default (512)."""
-    kwargs = reference_call_kwargs(steps, seed, true_cfg_scale=true_cfg_scale)
+    """Samples with :func:`reference_call_kwargs`; ``max_sequence_length=None`` leaves diffusers' default (512 for
+    FLUX, 256 for SD3)."""
+    kwargs = reference_call_kwargs(steps, seed, true_cfg_scale=true_cfg_scale, family=family)
     if max_sequence_length is None:
         del kwargs["max_sequence_length"]
     else:
@@ -283,10 +301,10 @@ def evaluate(pipe: diffusers.FluxPipeline, clf, seeds=(0, 1, 2, 3), steps: int =
     return correct / (10 * len(seeds))
 
 
-def save_grid(pipe: diffusers.FluxPipeline, path: Path, seeds=(0, 1, 2), scale: int = 4) -> None:
+def save_grid(pipe: diffusers.FluxPipeline, path: Path, seeds=(0, 1, 2), scale: int = 4, **extra) -> None:
     from PIL import Image
 
-    rows = [generate(pipe, list(range(10)), seed) for seed in seeds]  # each (10, 3, 32, 32)
+    rows = [generate(pipe, list(range(10)), seed, **extra) for seed in seeds]  # each (10, 3, 32, 32)
     pad = 2
     grid = torch.ones(3, len(rows) * (IMAGE_SIZE + pad) + pad, 10 * (IMAGE_SIZE + pad) + pad) * 0.5
     for r, row in enumerate(rows):

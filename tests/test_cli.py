@@ -9,7 +9,16 @@ import sys
 import pytest
 import torch
 
-from cachedit.benchmarking import cachedit_method, diffusers_method, frontier, headline, markdown, model_and_call, run_bench
+from cachedit.benchmarking import (
+    cachedit_method,
+    default_methods,
+    diffusers_method,
+    frontier,
+    headline,
+    markdown,
+    model_and_call,
+    run_bench,
+)
 from cachedit.metrics import computed_fraction, psnr, ssim
 
 
@@ -96,3 +105,26 @@ def test_demo_prints_its_own_output_only(tmp_path):
     # stderr holds the demo's own progress bar and nothing else: no third-party notices or loading bars
     lines = [line.strip() for line in proc.stderr.replace("\r", "\n").splitlines() if line.strip()]
     assert lines and all(line.startswith("demo:") for line in lines), lines
+
+
+def test_bench_on_the_sd3_reference_leaves_out_what_cannot_run_there():
+    """diffusers 0.42.1 has no `enable_cache` on SD3Transformer2DModel: its caches are left out of the default
+    methods there, and a peer that fails on a model is logged and left out; cachedit's own rows always run."""
+    from cachedit.benchmarking import Method
+    from cachedit.benchmarking.methods import diffusers_can_cache
+
+    load, call, prompts = model_and_call("reference-sd3")
+    assert not diffusers_can_cache(load()) and diffusers_can_cache(model_and_call("reference")[0]())
+    families = {m.family for m in default_methods(4, diffusers_caches=False)}
+    assert "diffusers" not in families and "cachedit" in families
+
+    def fail(pipe):
+        raise AssertionError("peer bug")
+
+    logged = []
+    methods = [cachedit_method("never skips", residual_diff_threshold=0, warmup_steps=0),
+               Method("cache-dit", "broken peer", fail, lambda p: None)]
+    rows = run_bench(load, call, prompts[:1], 4, 1, methods=methods, log=logged.append)
+    assert [r["method"] for r in rows] == ["uncached", "never skips"]
+    assert any("broken peer: failed on this model" in line for line in logged)
+    assert rows[1]["psnr_db"] == float("inf")

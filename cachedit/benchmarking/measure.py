@@ -136,11 +136,12 @@ def run_bench(load: Callable, call: Callable, prompts: list[str], steps: int, re
     torch.manual_seed(0)
     if methods is None:
         from ..cache.calibrate import calibrate
-        from .methods import calibrate_mag_ratios, default_methods
+        from .methods import calibrate_mag_ratios, default_methods, diffusers_can_cache
 
         runs = [dict(prompt=prompts[i % len(prompts)], **call(steps, 100 + i)) for i in range(3)]  # unseen seeds
         calibrated = {p: calibrate(load(), p, runs) for p in ("teacache", "magcache")}
-        methods = default_methods(steps, calibrate_mag_ratios(load, call, prompts[0], steps), calibrated)
+        methods = default_methods(steps, calibrate_mag_ratios(load, call, prompts[0], steps), calibrated,
+                                  diffusers_caches=diffusers_can_cache(load()))
     methods = [m for m in methods if m.family != "uncached"]
     plain = load()
     blocks = block_names(plain.transformer)
@@ -152,7 +153,13 @@ def run_bench(load: Callable, call: Callable, prompts: list[str], steps: int, re
              "block_flops": base_blocks, "flops_per_step": base_flops / (steps * len(prompts)), "time_ratio": 1.0,
              "transformer_time_ratio": 1.0, "psnr_db": float("inf"), "ssim": 1.0, "clock": clock.kind}]
     for method in methods:
-        row, _ = measure(method, plain, load, call, prompts, steps, repeats, references, blocks, clock)
+        try:
+            row, _ = measure(method, plain, load, call, prompts, steps, repeats, references, blocks, clock)
+        except Exception as exc:  # a peer that fails on this model (each runs on its own fresh pipeline)
+            if method.family == "cachedit":
+                raise
+            log(f"{method.name}: failed on this model, left out ({type(exc).__name__}: {exc})")
+            continue
         rows.append(row)
         log(f"{row['method']}: {row['time_ratio']:.3f}x the plain time, ideal "
             f"{base_blocks / max(row['block_flops'], 1):.2f}x, PSNR {row['psnr_db']:.2f} dB")

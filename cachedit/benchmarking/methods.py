@@ -55,6 +55,12 @@ def cache_dit_method(name: str, taylorseer: bool = False, role: str = "", **cfg)
     return Method("cache-dit", name, apply, cache_dit.disable_cache, {**cfg, "taylorseer": taylorseer}, role)
 
 
+def diffusers_can_cache(pipe) -> bool:
+    """diffusers' caches are enabled through its `CacheMixin.enable_cache`, which only some transformer classes
+    have (diffusers 0.42.1: not `SD3Transformer2DModel`); the bench leaves their rows out elsewhere."""
+    return hasattr(pipe.transformer, "enable_cache")
+
+
 def diffusers_method(name: str, config_factory: Callable, **settings) -> Method:
     return Method("diffusers", name, lambda p: p.transformer.enable_cache(config_factory()),
                   lambda p: p.transformer.disable_cache(), settings)
@@ -93,9 +99,11 @@ def peer_overhead_methods() -> list[Method]:
     return [m for m in (never, fbc) if m is not None]
 
 
-def default_methods(steps: int, mag_ratios=None, calibrated: dict | None = None) -> list[Method]:
+def default_methods(steps: int, mag_ratios=None, calibrated: dict | None = None,
+                    diffusers_caches: bool = True) -> list[Method]:
     """Every method and setting the frontier is drawn from. `calibrated`: cachedit's own TeaCache
-    polynomial and MagCache ratios for this model ({"teacache": {...}, "magcache": {...}})."""
+    polynomial and MagCache ratios for this model ({"teacache": {...}, "magcache": {...}}).
+    `diffusers_caches=False` leaves diffusers' own caches out (see `diffusers_can_cache`)."""
     from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
 
     methods = [UNCACHED, *overhead_methods()]
@@ -131,6 +139,8 @@ def default_methods(steps: int, mag_ratios=None, calibrated: dict | None = None)
         methods.append(cachedit_method(f"step mask {policy} +TaylorSeer", Fn=1, Bn=0, residual_diff_threshold=0,
                                        warmup_steps=0, steps_mask=policy, mask_mode="static",
                                        calibrator="taylorseer"))
+    if not diffusers_caches:
+        return methods
     for t in (0.05, 0.1, 0.2, 0.3):
         methods.append(diffusers_method(f"diffusers FirstBlockCache t={t}",
                                         lambda t=t: FirstBlockCacheConfig(threshold=t), threshold=t))
@@ -166,6 +176,8 @@ def calibrate_mag_ratios(load: Callable, call: Callable, prompt: str, steps: int
     logger.setLevel(logging.INFO)
     try:
         pipe = load()
+        if not diffusers_can_cache(pipe):
+            return None
         pipe.transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=steps))
         pipe(prompt=prompt, **call(steps, 0))
     finally:
@@ -179,9 +191,11 @@ def calibrate_mag_ratios(load: Callable, call: Callable, prompt: str, steps: int
 
 def model_and_call(model: str, cfg: bool = True):
     """(load, call(steps, seed), default prompts) for a model name or a pipeline folder: 'reference' (the shipped
-    trained model), 'flux9' (its pipeline around a random 3 + 6 block, hidden 128 FLUX transformer: for
-    overhead, nothing caches on random weights), 'tiny' (the random tiny FLUX pipeline).
-    `cfg=False` turns the reference model's true classifier-free guidance off (one transformer call per step)."""
+    trained FLUX model), 'reference-sd3' (the shipped trained SD3 model, CFG batched in one call), 'flux9' (the
+    FLUX reference pipeline around a random 3 + 6 block, hidden 128 FLUX transformer: for overhead, nothing caches on
+    random weights), 'tiny' (the random tiny FLUX pipeline).
+    `cfg=False` turns the reference models' classifier-free guidance off (one transformer call per step on the
+    prompt batch alone)."""
     from ..generate import call_kwargs, load_pipeline
 
     if model == "flux9":  # overhead only: the reference pipeline around a random 9-block transformer
@@ -205,12 +219,15 @@ def model_and_call(model: str, cfg: bool = True):
             return kwargs
 
         return lambda: tiny_pipeline("flux"), call, ["a photo of a cat", "a red monkey"]
-    prompts = [f"a handwritten digit {d}" for d in range(10)] if model == "reference" else ["a photo of a cat"]
+    reference = model in ("reference", "reference-sd3")
+    prompts = [f"a handwritten digit {d}" for d in range(10)] if reference else ["a photo of a cat"]
 
     def call(steps, seed):
         kwargs = call_kwargs(model, steps, seed)
         if not cfg:
             kwargs.pop("negative_prompt", None), kwargs.pop("true_cfg_scale", None)
+            if model == "reference-sd3":
+                kwargs["guidance_scale"] = 1.0  # SD3: CFG is guidance_scale > 1
         return kwargs
 
     return (lambda: load_pipeline(model)), call, prompts
