@@ -110,6 +110,8 @@ from transformers import (
     UMT5EncoderModel,
 )
 
+from .._diffusers_compat import hunyuan_video_prompt_template, keep_in_fp32_modules
+
 __all__ = ["TINY_FAMILIES", "tiny_call_kwargs", "tiny_pipeline"]
 
 _TEXT_DIM = 32  # hidden size of the tiny text encoders
@@ -825,7 +827,7 @@ def _cast(pipe: diffusers.DiffusionPipeline, dtype: torch.dtype) -> None:
     for component in pipe.components.values():
         if not isinstance(component, torch.nn.Module):
             continue
-        keep = (component._keep_in_fp32_modules if isinstance(component, diffusers.ModelMixin) else None) or ()
+        keep = keep_in_fp32_modules(component) if isinstance(component, diffusers.ModelMixin) else ()
         for name, tensor in [*component.named_parameters(), *component.named_buffers()]:
             if tensor.is_floating_point():
                 fp32 = any(module in name.split(".") for module in keep)
@@ -852,8 +854,6 @@ def tiny_call_kwargs(family: str, *, num_inference_steps: int = 4, seed: int = 0
 
 def _hunyuan_prompt_template() -> dict:
     """HunyuanVideo's default prompt template, with ``crop_start`` = its prefix length under the tiny tokenizer."""
-    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
-
-    template = DEFAULT_PROMPT_TEMPLATE["template"]
+    template = hunyuan_video_prompt_template()["template"]
     crop_start = len(_llama_tokenizer()(template.split("{}")[0]).input_ids)
     return {"template": template, "crop_start": crop_start}
