@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from . import config_file, lifecycle
+from ._diffusers_compat import invalidate_child_registries
 from .config import CacheConfig, CompileConfig, ParallelConfig, QuantConfig, coerce
 from .features import FEATURES, Applied, Context
 from .features.pipeline import check_pipeline
@@ -22,8 +23,7 @@ STATE_ATTR = "_cachedit_state"
 def _invalidate_registry_caches(ctx: Context) -> None:
     """diffusers caches which children carry hooks; cache_context must see the current ones."""
     for transformer in ctx.transformers().values():
-        if hasattr(transformer, "_diffusers_hook"):
-            transformer._diffusers_hook.invalidate_child_registries_cache()
+        invalidate_child_registries(transformer)
 
 
 def accelerate(pipe, device: str = "auto", cache=None, parallel=None, quantize=None, compile=None,

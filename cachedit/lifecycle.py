@@ -34,14 +34,16 @@ from typing import Callable
 
 import torch.nn as nn
 
+from ._diffusers_compat import child_registries, hook_registry
+
 
 def reset(modules) -> None:
     """Reset every stateful diffusers hook on `modules` and their children: diffusers' own end-of-call reset,
     over the child registries diffusers keeps for `cache_context` (no walk of the module tree)."""
     for module in modules:
-        registry = getattr(module, "_diffusers_hook", None)
+        registry = hook_registry(module)
         if registry is not None:
-            for child in (registry, *registry._get_child_registries()):
+            for child in (registry, *child_registries(registry)):
                 child.reset_stateful_hooks(recurse=False)
 
 

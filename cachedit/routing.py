@@ -7,6 +7,7 @@ import torch.nn as nn
 from diffusers.hooks import ModelHook
 
 from . import hooks
+from ._diffusers_compat import original_forward
 from .attention import AttentionRouter
 
 ATTENTION_HOOK = "cachedit.attention"
@@ -21,7 +22,7 @@ class AttentionHook(ModelHook):
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
         with self.router:
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return original_forward(self)(*args, **kwargs)
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv with torch, diffusers 0.42.1, cachedit and its three backend plugins (editable).
+# Create .venv with torch, the newest supported diffusers (0.42.1 as of 2026-12), cachedit and its three backend plugins (editable).
 # torch is installed first and explicitly: a bare `torch` requirement would pull a multi-GB CUDA build.
 # On a CUDA machine set TORCH_SPEC to the build you want (e.g. TORCH_SPEC="torch==2.13.0 --index-url ...").
 set -euo pipefail

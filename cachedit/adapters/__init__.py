@@ -70,7 +70,7 @@ class BlockIO:
 
     def inputs(self, block: nn.Module, args: tuple, kwargs: dict):
         """(hidden, encoder or None) from a call's arguments."""
-        names = _param_names(type(block))
+        names = param_names(type(block))
         def get(name):
             if name is None:
                 return None
@@ -99,7 +99,8 @@ class BlockIO:
 _PARAM_NAMES: dict[type, list[str]] = {}
 
 
-def _param_names(cls: type) -> list[str]:
+def param_names(cls: type) -> list[str]:
+    """The names of a module class's forward parameters, after `self`: how positional arguments map to names."""
     if cls not in _PARAM_NAMES:
         _PARAM_NAMES[cls] = list(inspect.signature(cls.forward).parameters)[1:]
     return _PARAM_NAMES[cls]
@@ -118,11 +119,10 @@ def block_io(block: nn.Module) -> BlockIO:
     name = type(block).__name__
     if name in _BLOCK_IO:
         return _BLOCK_IO[name]
-    from diffusers.hooks._helpers import TransformerBlockRegistry
+    from .._diffusers_compat import block_metadata
 
-    TransformerBlockRegistry._register()
-    meta = TransformerBlockRegistry._registry.get(type(block))
-    params = _param_names(type(block))
+    meta = block_metadata(type(block))
+    params = param_names(type(block))
     if meta is None:
         enc = "encoder_hidden_states" if "encoder_hidden_states" in params else None
         return BlockIO(params[0], enc, 0, None)
@@ -136,7 +136,7 @@ def modulated_input(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor
     the hidden states with the block's `temb`, for the blocks built that way (FLUX, SD3, Chroma,
     HunyuanVideo, ...); None for blocks that modulate otherwise."""
     norm = getattr(block, "norm1", None)
-    names = _param_names(type(block))
+    names = param_names(type(block))
     temb = kwargs.get("temb")
     if temb is None and "temb" in names and names.index("temb") < len(args):
         temb = args[names.index("temb")]

@@ -52,7 +52,7 @@ class AdapterWatchHook(ModelHook):
             signature = adapter_signature(module)
             if signature != self.signature:
                 self.signature = signature
-                if any(cache.states._state_cache for cache in self.caches):
+                if any(cache.states.live() for cache in self.caches):
                     self.invalidations += 1
                     for cache in self.caches:
                         cache.new_run()

@@ -23,10 +23,10 @@ from typing import Callable
 import torch
 import torch.nn as nn
 from diffusers.hooks import ModelHook
-from diffusers.hooks.hooks import CacheContext
 
 from .. import hooks
-from ..adapters import Adapter, BlockIO, _param_names, block_io, modulated_input
+from .._diffusers_compat import CacheContext, mark_stateful, original_forward
+from ..adapters import Adapter, BlockIO, block_io, modulated_input, param_names
 from ..config import CacheConfig
 from . import per_sample
 from .adapter_watch import HOOK_NAME as ADAPTER_HOOK, AdapterWatchHook
@@ -134,13 +134,13 @@ class StackCache:
 
     def finish_call(self) -> None:
         """The end of a call or run: keep its reports, release its states."""
-        if self.states._state_cache:
+        if self.states.live():
             self.last_call = self.states.reports()
         self.states.reset()
 
     def drop_context(self, name: str) -> None:
         """Forget the state of context `name` (another rank runs that CFG branch from now on)."""
-        self.states._state_cache.pop(name, None)
+        self.states.drop(name)
 
     def new_run(self) -> None:
         """A new denoising run starts inside a transformer call: fresh states, the call's context kept."""
@@ -228,11 +228,11 @@ class BlockCacheHook(ModelHook):
         self.cache = cache
         self.index = index
         if index == 0:
-            self._is_stateful = True
+            mark_stateful(self)
             self.states = cache.states
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
-        return self.cache.run_block(self.index, self.fn_ref.original_forward, module, args, kwargs)
+        return self.cache.run_block(self.index, original_forward(self), module, args, kwargs)
 
     def reset_state(self, module: nn.Module) -> nn.Module:
         self.cache.finish_call()
@@ -248,10 +248,9 @@ class CallContextHook(ModelHook):
     host read of one number; on an accelerator, one synchronisation per transformer call).
     """
 
-    _is_stateful = True  # the run it follows ends with the pipeline call (diffusers' reset, the lifecycle)
-
     def __init__(self, caches: list[StackCache], infer_branches: bool, scope=None, memo=()) -> None:
         super().__init__()
+        mark_stateful(self)  # the run it follows ends with the pipeline call (diffusers' reset, the lifecycle)
         self.caches = caches
         self.memo = list(memo)  # (module, MemoHook): the per-call memos, fresh with each new run
         self.infer_branches = infer_branches  # False: unnamed calls share one state (batched CFG)
@@ -259,7 +258,7 @@ class CallContextHook(ModelHook):
         self.runs = RunTracker()
 
     def initialize_hook(self, module: nn.Module) -> nn.Module:
-        params = _param_names(type(module))
+        params = param_names(type(module))
         self.timestep_arg = next((p for p in TIMESTEP_ARGS if p in params), None)
         self.timestep_index = params.index(self.timestep_arg) if self.timestep_arg is not None else None
         return module
@@ -305,11 +304,11 @@ class CallContextHook(ModelHook):
     def _run(self, name: str | None, args, kwargs):
         """The transformer's forward, with the cache context `name` set for its duration (None: as it is)."""
         if name is None:
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return original_forward(self)(*args, **kwargs)
         for cache in self.caches:
             cache.states.set_context(CacheContext(name))
         try:
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return original_forward(self)(*args, **kwargs)
         finally:
             for cache in self.caches:
                 cache.states.set_context(None)

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 from diffusers.hooks import ModelHook
 
+from .._diffusers_compat import mark_stateful, original_forward
+
 HOOK_NAME = "cachedit.memo"
 
 
@@ -28,10 +30,9 @@ def _same(a, b) -> bool:
 
 
 class MemoHook(ModelHook):
-    _is_stateful = True
-
     def __init__(self) -> None:
         super().__init__()
+        mark_stateful(self)
         self.last: tuple | None = None  # (args, kwargs, output)
         self.hits = 0
 
@@ -39,7 +40,7 @@ class MemoHook(ModelHook):
         if self.last is not None and _same(args, self.last[0]) and _same(kwargs, self.last[1]):
             self.hits += 1
             return self.last[2]
-        output = self.fn_ref.original_forward(*args, **kwargs)
+        output = original_forward(self)(*args, **kwargs)
         self.last = (args, kwargs, output)
         return output
 

@@ -25,8 +25,8 @@ and step, instead of one per step.
 from __future__ import annotations
 
 import torch
-from diffusers.hooks.hooks import BaseState
 
+from .._diffusers_compat import BaseState
 from .policies import Probe
 from .state import CallState
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from diffusers.hooks.hooks import BaseState, StateManager
 
+from .._diffusers_compat import BaseState, StateManager, clear_states, context_states, current_context, new_state
 from .calibrators import Calibrator, make_calibrator
 
 DEFAULT_CONTEXT = "default"
@@ -77,20 +77,29 @@ class ContextStates(StateManager):
         self.per_context = per_context or (lambda name: {})
 
     def get_state(self) -> CallState:
-        name = self._context.name if self._context is not None else DEFAULT_CONTEXT
-        if name not in self._state_cache:
-            while len(self._state_cache) >= MAX_STATES:
-                del self._state_cache[next(iter(self._state_cache))]
-            self._state_cache[name] = self._state_cls(*self._init_args, **self._init_kwargs, **self.per_context(name))
-        return self._state_cache[name]
+        context = current_context(self)
+        name = context.name if context is not None else DEFAULT_CONTEXT
+        states = context_states(self)
+        if name not in states:
+            while len(states) >= MAX_STATES:
+                del states[next(iter(states))]
+            states[name] = new_state(self, **self.per_context(name))
+        return states[name]
 
     @property
     def context_info(self):
-        return self._context
+        return current_context(self)
+
+    def live(self) -> int:
+        """How many contexts hold a state now (0 between runs)."""
+        return len(context_states(self))
+
+    def drop(self, name: str) -> None:
+        """Forget context `name`'s state, if it has one."""
+        context_states(self).pop(name, None)
 
     def reports(self) -> dict[str, dict]:
-        return {name: state.report() for name, state in self._state_cache.items()}
+        return {name: state.report() for name, state in context_states(self).items()}
 
     def reset(self, *args, **kwargs) -> None:
-        self._state_cache.clear()
-        self._context = None
+        clear_states(self)

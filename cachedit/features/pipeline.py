@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .._diffusers_compat import cache_config, hook_registry
 from ..adapters import adapter_for, transformers_of
 
 
@@ -20,11 +21,11 @@ def _execution_device(module: nn.Module) -> str | None:
 
 def _diffusers_cache(transformer: nn.Module) -> str | None:
     """The diffusers cache already on `transformer` (`enable_cache`, or a cache hook applied directly), or None."""
-    config = getattr(transformer, "_cache_config", None)
+    config = cache_config(transformer)
     if config is not None:
         return type(config).__name__
     for module in transformer.modules():
-        for hook in getattr(getattr(module, "_diffusers_hook", None), "hooks", {}).values():
+        for hook in getattr(hook_registry(module), "hooks", {}).values():
             where = type(hook).__module__
             if where.startswith("diffusers.hooks.") and ("cache" in where or "broadcast" in where):
                 return type(hook).__name__

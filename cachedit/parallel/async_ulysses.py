@@ -25,9 +25,9 @@ import fnmatch
 
 import torch
 from diffusers.hooks import ModelHook
-from diffusers.models.embeddings import apply_rotary_emb
 
 from .. import hooks
+from .._diffusers_compat import apply_rotary_emb, qwen_rotary
 from .ring import ring_attention
 from .ulysses import HEADS, SEQ, Exchange, gather_key_mask, gather_lengths, key_mask, split_sizes
 
@@ -132,9 +132,7 @@ class QwenImageAsyncProcessor(_AsyncProcessor):
 
     def __init__(self, original, cp) -> None:
         super().__init__(original, cp)
-        from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
-
-        self.rotary = apply_rotary_emb_qwen
+        self.rotary = qwen_rotary()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
                  attention_mask=None, image_rotary_emb=None):

@@ -29,9 +29,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from diffusers.hooks import ModelHook
-from diffusers.hooks.hooks import BaseState, StateManager
 
 from .. import hooks
+from ..adapters import param_names
+from .._diffusers_compat import BaseState, StateManager, current_context, mark_stateful, original_forward
 
 BRANCHES = ("cond", "uncond")
 HOOK_NAME = "cachedit.cfg_parallel"
@@ -45,10 +46,9 @@ class _Nothing(BaseState):
 class CfgParallelHook(ModelHook):
     """Runs one CFG branch per rank and exchanges the predictions (see the module docstring)."""
 
-    _is_stateful = True  # so diffusers' cache_context reaches `self.context`, and its reset `reset_state`
-
     def __init__(self, comm, on_split=None) -> None:
         super().__init__()
+        mark_stateful(self)  # so diffusers' cache_context reaches `self.context`, and its reset `reset_state`
         self.comm = comm  # over the cfg group: rank 0 runs "cond", rank 1 "uncond"
         self.batched = False  # inside a batched-CFG call: cache statistics span both halves
         self.on_split = on_split  # on_split(branch): the other half's branch, whose state this half drops
@@ -66,23 +66,23 @@ class CfgParallelHook(ModelHook):
         return module
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
-        info = self.context._context
+        info = current_context(self.context)
         name = info.name if info is not None else None
         if name not in BRANCHES:
             return self._batched(module, args, kwargs)
         if self.split is None:
             if name not in self.seen:  # the call's first step: every rank computes it, as one process would
                 self.seen.append(name)
-                return self.fn_ref.original_forward(*args, **kwargs)
+                return original_forward(self)(*args, **kwargs)
             self._known(split=set(self.seen) == set(BRANCHES))
         if not self.split:  # a call without CFG: every rank computes its one branch
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return original_forward(self)(*args, **kwargs)
         if name in self.pending:
             raise RuntimeError(f"CFG parallelism: two {name!r} calls without the other branch between them; this "
                                "pipeline call stopped alternating cond/uncond calls after its first step (CFG "
                                "truncation?), which parallel=dict(cfg=2) cannot split (the next call starts afresh)")
         if name == self.mine:
-            output = self.fn_ref.original_forward(*args, **kwargs)
+            output = original_forward(self)(*args, **kwargs)
             self.pending[name] = _sample(output)
         else:
             latents = kwargs.get("hidden_states", args[0] if args else None)
@@ -108,11 +108,11 @@ class CfgParallelHook(ModelHook):
     def _batched(self, module, args, kwargs):
         """One call carries both branches in its batch: each rank computes its half. Batched inputs
         are tensors whose first dim is the batch, or per-sample lists (Z-Image)."""
-        names = _param_names(module)
+        names = param_names(type(module))
         latents = kwargs.get(names[0], args[0] if args else None)
         batch = len(latents) if isinstance(latents, (list, tuple)) else latents.shape[0]
         if batch % 2:  # no cond/uncond pair in it (a call without CFG): every rank computes the whole batch
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return original_forward(self)(*args, **kwargs)
         lo, hi = self.comm.rank * (batch // 2), (self.comm.rank + 1) * (batch // 2)
 
         def take(value):
@@ -126,7 +126,7 @@ class CfgParallelHook(ModelHook):
         kwargs = {k: take(v) for k, v in kwargs.items()}
         self.batched = True
         try:
-            sample = _sample(self.fn_ref.original_forward(*args, **kwargs))
+            sample = _sample(original_forward(self)(*args, **kwargs))
         finally:
             self.batched = False
         if isinstance(sample, (list, tuple)):  # per-sample outputs of equal shape
@@ -147,15 +147,9 @@ def _sample(output) -> torch.Tensor:
 
 
 def _wrap(sample: torch.Tensor):
-    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+    from .._diffusers_compat import Transformer2DModelOutput
 
     return Transformer2DModelOutput(sample=sample)
-
-
-def _param_names(module: nn.Module) -> list[str]:
-    import inspect
-
-    return list(inspect.signature(type(module).forward).parameters)[1:]
 
 
 def apply_cfg_parallel(transformer: nn.Module, comm, on_split=None) -> CfgParallelHook:

@@ -34,9 +34,9 @@ from ..modelinfo import head_dim, num_heads
 from .async_ulysses import install_async_ulysses
 from .mesh import check_world, hybrid_mesh
 from .metering import MeteredCommunicator
-from .plans import CPPlan, Gather, cp_plan_for, resolve, supported_classes
+from .plans import CPPlan, ContextParallelOutput, cp_plan_for, resolve, supported_classes
 from .ring import ring_attention
-from .sharding import GatherHook, LocalAttentionHook, ScopeHook, SequenceState, SplitHook
+from .sharding import SequenceGatherHook, LocalAttentionHook, ScopeHook, SequenceState, SequenceSplitHook
 from .ulysses import key_mask, ulysses_attention
 
 HOOK_PREFIX = "cachedit.cp"
@@ -172,9 +172,12 @@ def apply_context_parallel(transformer: nn.Module, config: ParallelConfig, commu
         for i, (path, spec) in enumerate(plan.entries):
             hook_name = f"{HOOK_PREFIX}.{i}"
             for module in resolve(transformer, path):
-                hook = SplitHook(state, spec, path) if isinstance(spec, dict) else GatherHook(state, spec)
-                if not isinstance(spec, dict) and not all(isinstance(s, Gather) or s is None for s in hook.specs):
-                    raise ValueError(f"context-parallel plan entry {path!r}: expected a dict of splits or gathers")
+                if isinstance(spec, dict):
+                    hook = SequenceSplitHook(state, spec, path)
+                else:
+                    hook = SequenceGatherHook(state, spec)
+                    if not all(isinstance(s, ContextParallelOutput) or s is None for s in hook.specs):
+                        raise ValueError(f"context-parallel plan entry {path!r}: expected a dict of splits or gathers")
                 hooks.attach(module, hook, hook_name)
                 cp.attached.append((module, hook_name))
         names = dict(transformer.named_modules())

@@ -33,7 +33,7 @@ from ..attention import AttentionRouter
 from ..routing import route, unroute
 from .context import apply_context_parallel, check_context_parallel, cp_mode, remove_context_parallel
 from .metering import MeteredCommunicator
-from .plans import CPPlan, Split, register_cp_plan
+from .plans import CPPlan, ContextParallelInput, register_cp_plan
 from .tensor import apply_tensor_parallel, check_module, remove_tensor_parallel
 from .tp_plans import tp_plan_for
 from .ulysses import split_sizes
@@ -45,7 +45,7 @@ SUPPORTED_CONTROLNETS = ("FluxControlNetModel",)  # alone or inside a FluxMultiC
 
 def _flux_controlnet_plan(controlnet: nn.Module) -> CPPlan:
     """As FluxTransformer2DModel's `_cp_plan` at the entry, plus the control tokens; no gather."""
-    seq, ids = Split(split_dim=1, expected_dims=3), Split(split_dim=0, expected_dims=2)
+    seq, ids = ContextParallelInput(split_dim=1, expected_dims=3), ContextParallelInput(split_dim=0, expected_dims=2)
     return CPPlan(((("", {"hidden_states": seq, "controlnet_cond": seq, "encoder_hidden_states": seq,
                           "img_ids": ids, "txt_ids": ids})),))
 

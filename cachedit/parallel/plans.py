@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch.nn as nn
-from diffusers.models._modeling_parallel import ContextParallelInput as Split
-from diffusers.models._modeling_parallel import ContextParallelOutput as Gather
+from .._diffusers_compat import ContextParallelInput, ContextParallelOutput, cp_plan
 
-__all__ = ["CPPlan", "Gather", "Split", "cp_plan_for", "register_cp_plan", "supported_classes"]
+__all__ = ["CPPlan", "ContextParallelInput", "ContextParallelOutput", "cp_plan_for", "register_cp_plan",
+           "supported_classes"]
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def diffusers_plan(local_attention: tuple[str, ...] = ()) -> Callable[[nn.Module
     """The class's own diffusers `_cp_plan`, plus the attention modules that stay local."""
 
     def build(transformer: nn.Module) -> CPPlan:
-        return CPPlan(tuple(type(transformer)._cp_plan.items()), local_attention, source="diffusers")
+        return CPPlan(tuple(cp_plan(type(transformer)).items()), local_attention, source="diffusers")
 
     return build
 
@@ -68,12 +68,12 @@ def _zimage(transformer: nn.Module) -> CPPlan:
         layers = getattr(transformer, stage, None)
         if not layers:
             continue
-        entries.append((f"{stage}.0", {"x": Split(split_dim=1, expected_dims=3)}))
-        entries.append((f"{stage}.*", {"attn_mask": Split(split_dim=1, expected_dims=2),
-                                       "freqs_cis": Split(split_dim=1, expected_dims=3)}))
+        entries.append((f"{stage}.0", {"x": ContextParallelInput(split_dim=1, expected_dims=3)}))
+        entries.append((f"{stage}.*", {"attn_mask": ContextParallelInput(split_dim=1, expected_dims=2),
+                                       "freqs_cis": ContextParallelInput(split_dim=1, expected_dims=3)}))
         if stage != "layers":
-            entries.append((f"{stage}.{len(layers) - 1}", Gather(gather_dim=1, expected_dims=3)))
-    entries.append(("all_final_layer.*", Gather(gather_dim=1, expected_dims=3)))
+            entries.append((f"{stage}.{len(layers) - 1}", ContextParallelOutput(gather_dim=1, expected_dims=3)))
+    entries.append(("all_final_layer.*", ContextParallelOutput(gather_dim=1, expected_dims=3)))
     return CPPlan(tuple(entries))
 
 

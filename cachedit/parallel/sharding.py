@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 from diffusers.hooks import ModelHook
 
-from .plans import Gather, Split
+from .._diffusers_compat import original_forward
+from .plans import ContextParallelInput, ContextParallelOutput
 
 
 class SequenceState:
@@ -60,7 +61,7 @@ class ScopeHook(ModelHook):
         return args, kwargs
 
 
-class SplitHook(ModelHook):
+class SequenceSplitHook(ModelHook):
     """Splits the named inputs on the way in and the indexed outputs (`split_output`) on the way out."""
 
     def __init__(self, state: SequenceState, spec: dict, where: str) -> None:
@@ -82,7 +83,7 @@ class SplitHook(ModelHook):
     def pre_forward(self, module, *args, **kwargs):
         args = list(args)
         for name, spec in self.inputs.items():
-            if isinstance(spec, Split) and spec.split_output:
+            if isinstance(spec, ContextParallelInput) and spec.split_output:
                 continue
             what = f"input {name!r} of {self.where or 'the transformer'}"
             if name in kwargs:
@@ -102,7 +103,7 @@ class SplitHook(ModelHook):
         return out[0] if single else type(output)(out)
 
 
-class GatherHook(ModelHook):
+class SequenceGatherHook(ModelHook):
     """Gathers outputs across ranks on the way out (the sequence is whole again after this module)."""
 
     def __init__(self, state: SequenceState, spec) -> None:
@@ -114,7 +115,7 @@ class GatherHook(ModelHook):
         single = torch.is_tensor(output)
         out = [output] if single else list(output)
         for i, spec in enumerate(self.specs):
-            if isinstance(spec, Gather) and _fits(out[i], spec):
+            if isinstance(spec, ContextParallelOutput) and _fits(out[i], spec):
                 out[i] = self.state.gather(out[i], spec.gather_dim)
         return out[0] if single else type(output)(out)
 
@@ -129,6 +130,6 @@ class LocalAttentionHook(ModelHook):
     def new_forward(self, module, *args, **kwargs):
         self.state.local_depth += 1
         try:
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return original_forward(self)(*args, **kwargs)
         finally:
             self.state.local_depth -= 1

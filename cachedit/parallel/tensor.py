@@ -68,7 +68,7 @@ def _matches(module: nn.Module, patterns) -> list[tuple[str, nn.Module, object]]
 
 
 @dataclass(frozen=True)
-class Split:
+class ParamSplit:
     """How one parameter is cut: along `dim`, each of `blocks` split on its own into `parts`."""
 
     dim: int
@@ -92,26 +92,26 @@ def _packed_blocks(style, module: nn.Module, name: str, full: int) -> tuple[int,
     return tuple(b * (full // sum(blocks)) for b in blocks)
 
 
-def _splits(module: nn.Module, style, name: str) -> dict[str, Split | None]:
-    """Per parameter name: its Split, or None where the parameter stays whole (a row-split bias)."""
+def _splits(module: nn.Module, style, name: str) -> dict[str, ParamSplit | None]:
+    """Per parameter name: its ParamSplit, or None where the parameter stays whole (a row-split bias)."""
     if style == "sharded_rmsnorm":
         width = module.weight.shape[0] if getattr(module, "weight", None) is not None else 0
-        return {"weight": Split(0, (width,)), "bias": Split(0, (width,))} if width else {}
+        return {"weight": ParamSplit(0, (width,)), "bias": ParamSplit(0, (width,))} if width else {}
     if isinstance(module, nn.Embedding) and style == "colwise":  # output features: weight columns
-        return {"weight": Split(1, (module.embedding_dim,))}
+        return {"weight": ParamSplit(1, (module.embedding_dim,))}
     if not isinstance(module, nn.Linear):
         raise ValueError(f"tensor-parallel plan: {name} is a {type(module).__name__}; style {style!r} needs a Linear")
     out_f, in_f = module.weight.shape
     if style in ("colwise", "colwise_gather"):
-        col = Split(0, (out_f,))
+        col = ParamSplit(0, (out_f,))
         return {"weight": col, "bias": col}
     if style == "rowwise":
-        return {"weight": Split(1, (in_f,)), "bias": None}
+        return {"weight": ParamSplit(1, (in_f,)), "bias": None}
     if isinstance(style, PackedColwiseParallel):
-        col = Split(0, _packed_blocks(style, module, name, out_f))
+        col = ParamSplit(0, _packed_blocks(style, module, name, out_f))
         return {"weight": col, "bias": col}
     if isinstance(style, PackedRowwiseParallel):
-        return {"weight": Split(1, _packed_blocks(style, module, name, in_f)), "bias": None}
+        return {"weight": ParamSplit(1, _packed_blocks(style, module, name, in_f)), "bias": None}
     raise ValueError(f"tensor-parallel plan: unknown style {style!r} for {name}; allowed: {STYLES} or Packed*Parallel")
 
 
@@ -193,7 +193,7 @@ class ReduceHook(ModelHook):
         return out[0] if single else type(output)(out)
 
 
-class GatherHook(ModelHook):
+class ColumnGatherHook(ModelHook):
     """All-gathers a column-split output along its last dim (shares may differ by one: padded)."""
 
     def __init__(self, comm, sizes: list[int]) -> None:
@@ -316,7 +316,7 @@ def apply_tensor_parallel(module: nn.Module, plan: TPPlan, comm: MeteredCommunic
                     _set_attr(tp, sub, "in_features", sub.base_layer.in_features)
                 splits = parts[0][1]
                 if style == "colwise_gather":
-                    _attach(tp, sub, GatherHook(comm, splits["weight"].sizes(degree)), "gather")
+                    _attach(tp, sub, ColumnGatherHook(comm, splits["weight"].sizes(degree)), "gather")
                     tp.per_call["all_gather"] += 1
                 elif style == "sharded_rmsnorm":
                     width = tuple(getattr(sub, "normalized_shape", None) or sub.dim)[-1]  # torch's / diffusers'

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch.nn as nn
 from diffusers.hooks import ModelHook
 
+from .._diffusers_compat import hook_registry
 from .tp_plans import PackedColwiseParallel, PackedRowwiseParallel
 
 ROW_STYLES = ("rowwise",)
@@ -60,7 +61,7 @@ def check_lora(module: nn.Module, style, name: str, setting: str) -> None:
 
 
 def lora_parts(module: nn.Module, style, base_splits: dict) -> list[tuple[nn.Module, dict]]:
-    """(submodule, {param: Split or None}) for the base layer and every adapter's A and B."""
+    """(submodule, {param: ParamSplit or None}) for the base layer and every adapter's A and B."""
     parts = [(module.base_layer, base_splits)]
     weight = base_splits["weight"]
     for adapter in module.lora_A:
@@ -101,7 +102,7 @@ class PlacementHook(ModelHook):
 
         for j, (m, name) in enumerate(self.tp.attached):
             if m is old:
-                hook = old._diffusers_hook.hooks[name]
+                hook = hook_registry(old).hooks[name]
                 hooks.detach(old, name)
                 hooks.attach(new, hook, name)
                 self.tp.attached[j] = (new, name)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch.nn as nn
-from diffusers.hooks.tensor_parallel import PackedColwiseParallel, PackedRowwiseParallel
+from .._diffusers_compat import PackedColwiseParallel, PackedRowwiseParallel, tp_plan
 
 __all__ = ["PackedColwiseParallel", "PackedRowwiseParallel", "TPPlan", "register_tp_plan", "supported_tp_classes",
            "tp_plan_for"]
@@ -87,7 +87,7 @@ def _flux(t: nn.Module, table: dict | None = None) -> TPPlan:
     weights) column-split and gathered. Joint attention reduces its (image, text) outputs at once;
     the single block's attention and MLP meet in the packed row-split proj_out. `table`: the
     diffusers plan to start from (default: the class's own)."""
-    linears = {**(type(t)._tp_plan if table is None else table),
+    linears = {**(tp_plan(type(t)) if table is None else table),
                "transformer_blocks.*.norm1.linear": "colwise_gather",
                "transformer_blocks.*.norm1_context.linear": "colwise_gather",
                "single_transformer_blocks.*.norm.linear": "colwise_gather"}
@@ -99,7 +99,7 @@ def _flux(t: nn.Module, table: dict | None = None) -> TPPlan:
 def _flux2(t: nn.Module) -> TPPlan:
     """FLUX.2: diffusers' plan (packed fused projections); its modulation is shared by all blocks,
     computed once per call, so it is split and gathered at the top level."""
-    linears = {**type(t)._tp_plan,
+    linears = {**tp_plan(type(t)),
                "double_stream_modulation_img.linear": "colwise_gather",
                "double_stream_modulation_txt.linear": "colwise_gather",
                "single_stream_modulation.linear": "colwise_gather"}
@@ -110,7 +110,7 @@ def _flux2(t: nn.Module) -> TPPlan:
 
 def _qwenimage(t: nn.Module) -> TPPlan:
     """Qwen-Image: diffusers' plan plus the per-stream modulation (img_mod / txt_mod)."""
-    linears = {**type(t)._tp_plan,
+    linears = {**tp_plan(type(t)),
                "transformer_blocks.*.img_mod.1": "colwise_gather",
                "transformer_blocks.*.txt_mod.1": "colwise_gather"}
     reduce = ("transformer_blocks.*.attn", "transformer_blocks.*.img_mlp", "transformer_blocks.*.txt_mlp")
@@ -158,7 +158,7 @@ def _flux_controlnet(c: nn.Module) -> TPPlan:
     them would cost a gather each for little memory."""
     from diffusers import FluxTransformer2DModel
 
-    return _flux(c, FluxTransformer2DModel._tp_plan)
+    return _flux(c, tp_plan(FluxTransformer2DModel))
 
 
 for _name, _build in {

@@ -27,6 +27,7 @@ import torch.nn as nn
 from diffusers.hooks import ModelHook
 
 from .. import hooks
+from .._diffusers_compat import original_forward
 from ..attention import AttentionRouter
 from .mesh import check_world
 from .metering import MeteredCommunicator
@@ -80,12 +81,12 @@ class SplitDecodeHook(ModelHook):
         rows = sample.shape[_HEIGHT]
         if state.active or rows < state.world_size * self.min_rows:
             self.calls["whole"] += 1
-            return self.fn_ref.original_forward(sample, *args, **kwargs)
+            return original_forward(self)(sample, *args, **kwargs)
         self.calls["split"] += 1
         state.active, state.uneven = True, rows % state.world_size != 0
         try:
             band = sample.tensor_split(state.world_size, dim=_HEIGHT)[state.rank]
-            out = self.fn_ref.original_forward(band, *args, **kwargs)
+            out = original_forward(self)(band, *args, **kwargs)
         finally:
             state.active = False
         return state.gather(out, _HEIGHT)
@@ -102,15 +103,15 @@ class HaloConvHook(ModelHook):
 
     def new_forward(self, module, x, *args, **kwargs):
         if not self.state.active:
-            return self.fn_ref.original_forward(x, *args, **kwargs)
+            return original_forward(self)(x, *args, **kwargs)
         p = self.p
         cache = kwargs.pop("cache_x", args[0] if args else None)
         if torch.is_tensor(cache):  # (B, C, T, H, W): the frames before x, along T
             both = self.state.halo(torch.cat([cache.to(x.device), x], dim=2), p)
             cache, x = both.split([cache.shape[2], x.shape[2]], dim=2)
-            out = self.fn_ref.original_forward(x, cache)
+            out = original_forward(self)(x, cache)
         else:
-            out = self.fn_ref.original_forward(self.state.halo(x, p), *args, **kwargs)
+            out = original_forward(self)(self.state.halo(x, p), *args, **kwargs)
         return out.narrow(_HEIGHT, p, out.shape[_HEIGHT] - 2 * p)
 
 
@@ -124,7 +125,7 @@ class GroupNormHook(ModelHook):
 
     def new_forward(self, module: nn.GroupNorm, x):
         if not self.state.active:
-            return self.fn_ref.original_forward(x)
+            return original_forward(self)(x)
         b, c = x.shape[:2]
         xs = x.reshape(b, module.num_groups, -1).float()
         mean = xs.mean(-1)
@@ -150,10 +151,10 @@ class AttendEverywhereHook(ModelHook):
 
     def new_forward(self, module, *args, **kwargs):
         if not self.state.active:
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return original_forward(self)(*args, **kwargs)
         before = sum(self.router.calls.values())
         with self.router:
-            out = self.fn_ref.original_forward(*args, **kwargs)
+            out = original_forward(self)(*args, **kwargs)
         if sum(self.router.calls.values()) == before:
             raise RuntimeError(f"VAE parallelism: {type(module).__name__} attended without calling "
                                "scaled_dot_product_attention, so its keys were never gathered; set its default "

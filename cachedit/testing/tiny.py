@@ -78,7 +78,8 @@ from __future__ import annotations
 import functools
 import json
 import string
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import diffusers
 import torch
@@ -109,6 +110,8 @@ from transformers import (
     UMT5Config,
     UMT5EncoderModel,
 )
+
+from .._diffusers_compat import hunyuan_video_prompt_template, keep_in_fp32_modules
 
 __all__ = ["TINY_FAMILIES", "tiny_call_kwargs", "tiny_pipeline"]
 
@@ -464,315 +467,174 @@ def _autoencoder_wan() -> diffusers.AutoencoderKLWan:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _build_flux() -> diffusers.FluxPipeline:
-    tokenizer, tokenizer_2 = _clip_tokenizer(), _t5_tokenizer()
-    return diffusers.FluxPipeline(
-        transformer=diffusers.FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=16,  # 4 latent channels packed 2x2
-            num_layers=2,
-            num_single_layers=2,
-            attention_head_dim=_HEAD_DIM,
-            num_attention_heads=_HEADS,
-            joint_attention_dim=_TEXT_DIM,
-            pooled_projection_dim=_TEXT_DIM,
-            guidance_embeds=True,
-            axes_dims_rope=_ROPE_AXES,
-        ),
-        vae=_autoencoder_kl(scaling_factor=1.5, shift_factor=0.06),
-        text_encoder=_clip_text_encoder(tokenizer),
-        tokenizer=tokenizer,
-        text_encoder_2=_t5_encoder(tokenizer_2),
-        tokenizer_2=tokenizer_2,
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
-    )
+@dataclass(frozen=True)
+class _Family:
+    """One tiny family: its diffusers pipeline class and how each component is built.
+
+    `text`: (suffix, tokenizer factory, encoder factory) per text encoder, giving the `tokenizer{suffix}` and
+    `text_encoder{suffix}` components; the encoder factory takes its tokenizer. `transformer`, `vae` and
+    `scheduler`: (class or factory, keyword arguments). Build order (the weights depend on it): tokenizers,
+    transformer (and `transformer_2`), vae, text encoders in order, scheduler.
+    """
+
+    pipeline: str
+    text: tuple[tuple[str, Callable, Callable], ...]
+    transformer: tuple[Callable, dict]
+    vae: tuple[Callable, dict]
+    scheduler: tuple[Callable, dict] = (diffusers.FlowMatchEulerDiscreteScheduler, {})
+    two_stage: bool = False  # Wan 2.2: a second transformer for the low-noise steps, and its boundary
 
 
-def _build_qwenimage() -> diffusers.QwenImagePipeline:
-    tokenizer = _qwen_tokenizer()
-    return diffusers.QwenImagePipeline(
-        transformer=diffusers.QwenImageTransformer2DModel(
-            patch_size=2,
-            in_channels=16,  # z_dim 4 packed 2x2
-            out_channels=4,
-            num_layers=4,
-            attention_head_dim=_HEAD_DIM,
-            num_attention_heads=_HEADS,
-            joint_attention_dim=_TEXT_DIM,
-            axes_dims_rope=_ROPE_AXES,
-        ),
-        vae=diffusers.AutoencoderKLQwenImage(
-            base_dim=8,
-            z_dim=4,
-            dim_mult=[1, 2, 2],
-            num_res_blocks=1,
-            temperal_downsample=[False, True],
-            latents_mean=[0.0] * 4,
-            latents_std=[1.0] * 4,
-        ),
-        text_encoder=_qwen2_5_vl_encoder(tokenizer),
-        tokenizer=tokenizer,
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
-    )
+def _build(family: _Family) -> diffusers.DiffusionPipeline:
+    tokenizers = {f"tokenizer{suffix}": make() for suffix, make, _ in family.text}
+    make_transformer, transformer_kwargs = family.transformer
+    parts = {"transformer": make_transformer(**transformer_kwargs)}
+    if family.two_stage:
+        parts.update(transformer_2=make_transformer(**transformer_kwargs), boundary_ratio=0.875)
+    parts["vae"] = family.vae[0](**family.vae[1])
+    for suffix, _, encoder in family.text:
+        parts[f"text_encoder{suffix}"] = encoder(tokenizers[f"tokenizer{suffix}"])
+    parts["scheduler"] = family.scheduler[0](**family.scheduler[1])
+    return getattr(diffusers, family.pipeline)(**parts, **tokenizers)
 
 
-def _wan_transformer() -> diffusers.WanTransformer3DModel:
-    return diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=_HEADS,
-        attention_head_dim=_HEAD_DIM,
-        in_channels=4,
-        out_channels=4,
-        text_dim=_TEXT_DIM,
-        freq_dim=32,
-        ffn_dim=128,
-        num_layers=4,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    )
+def _decoder(model_cls: type, config_cls: type, **overrides) -> Callable:
+    """A tiny decoder-only text encoder (`_decoder_kwargs`) of `model_cls`, for its tokenizer."""
+    return lambda tokenizer: model_cls(config_cls(**_decoder_kwargs(tokenizer, **overrides))).eval()
 
 
-def _build_wan(*, two_stage: bool = False) -> diffusers.WanPipeline:
-    tokenizer = _t5_tokenizer()
-    return diffusers.WanPipeline(
-        transformer=_wan_transformer(),
-        transformer_2=_wan_transformer() if two_stage else None,
-        boundary_ratio=0.875 if two_stage else None,
-        vae=_autoencoder_wan(),
-        text_encoder=_t5_encoder(tokenizer, umt5=True),
-        tokenizer=tokenizer,
-        scheduler=diffusers.UniPCMultistepScheduler(
-            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
-        ),
-    )
+_KL = (_autoencoder_kl, dict(scaling_factor=1.5, shift_factor=0.06))
+_CLIP = ("", _clip_tokenizer, _clip_text_encoder)
+_CLIP_PROJ = functools.partial(_clip_text_encoder, with_projection=True)
+_FLUX_BLOCKS = dict(num_layers=2, num_single_layers=2, attention_head_dim=_HEAD_DIM, num_attention_heads=_HEADS)
+_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=_HEADS, attention_head_dim=_HEAD_DIM, in_channels=4,
+            out_channels=4, text_dim=_TEXT_DIM, freq_dim=32, ffn_dim=128, num_layers=4, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+_WAN_FAMILY = dict(
+    pipeline="WanPipeline",
+    text=(("", _t5_tokenizer, functools.partial(_t5_encoder, umt5=True)),),
+    transformer=(diffusers.WanTransformer3DModel, _WAN),
+    vae=(_autoencoder_wan, {}),
+    scheduler=(diffusers.UniPCMultistepScheduler,
+               dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)),
+)
 
-
-def _build_sd3() -> diffusers.StableDiffusion3Pipeline:
-    tokenizer, tokenizer_2, tokenizer_3 = _clip_tokenizer(), _clip_tokenizer(), _t5_tokenizer()
-    return diffusers.StableDiffusion3Pipeline(
-        transformer=diffusers.SD3Transformer2DModel(
-            sample_size=16,
-            patch_size=2,
-            in_channels=4,
-            out_channels=4,
-            num_layers=4,
-            attention_head_dim=_HEAD_DIM,
+_FAMILIES: dict[str, _Family] = {
+    "flux": _Family(
+        pipeline="FluxPipeline",
+        text=(_CLIP, ("_2", _t5_tokenizer, _t5_encoder)),
+        transformer=(diffusers.FluxTransformer2DModel, dict(
+            _FLUX_BLOCKS, patch_size=1, in_channels=16,  # 4 latent channels packed 2x2
+            joint_attention_dim=_TEXT_DIM, pooled_projection_dim=_TEXT_DIM, guidance_embeds=True,
+            axes_dims_rope=_ROPE_AXES)),
+        vae=_KL,
+    ),
+    "qwenimage": _Family(
+        pipeline="QwenImagePipeline",
+        text=(("", _qwen_tokenizer, _qwen2_5_vl_encoder),),
+        transformer=(diffusers.QwenImageTransformer2DModel, dict(
+            patch_size=2, in_channels=16, out_channels=4,  # z_dim 4 packed 2x2
+            num_layers=4, attention_head_dim=_HEAD_DIM, num_attention_heads=_HEADS, joint_attention_dim=_TEXT_DIM,
+            axes_dims_rope=_ROPE_AXES)),
+        vae=(diffusers.AutoencoderKLQwenImage, dict(
+            base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[False, True],
+            latents_mean=[0.0] * 4, latents_std=[1.0] * 4)),
+    ),
+    "wan": _Family(**_WAN_FAMILY),
+    "sd3": _Family(
+        pipeline="StableDiffusion3Pipeline",
+        text=(("", _clip_tokenizer, _CLIP_PROJ), ("_2", _clip_tokenizer, _CLIP_PROJ),
+              ("_3", _t5_tokenizer, functools.partial(_t5_encoder, d_model=2 * _TEXT_DIM))),
+        transformer=(diffusers.SD3Transformer2DModel, dict(
+            sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=_HEAD_DIM,
             num_attention_heads=_HEADS,
             joint_attention_dim=2 * _TEXT_DIM,  # the two CLIP hidden states, concatenated; T5 d_model
             caption_projection_dim=_HEADS * _HEAD_DIM,
             pooled_projection_dim=2 * _TEXT_DIM,  # the two CLIP pooled projections, concatenated
-            pos_embed_max_size=16,
-        ),
-        vae=_autoencoder_kl(scaling_factor=1.5, shift_factor=0.06),
-        text_encoder=_clip_text_encoder(tokenizer, with_projection=True),
-        tokenizer=tokenizer,
-        text_encoder_2=_clip_text_encoder(tokenizer_2, with_projection=True),
-        tokenizer_2=tokenizer_2,
-        text_encoder_3=_t5_encoder(tokenizer_3, d_model=2 * _TEXT_DIM),
-        tokenizer_3=tokenizer_3,
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
-    )
-
-
-def _build_zimage() -> diffusers.ZImagePipeline:
-    tokenizer = _qwen_tokenizer()
-    return diffusers.ZImagePipeline(
-        transformer=diffusers.ZImageTransformer2DModel(
-            all_patch_size=(2,),
-            all_f_patch_size=(1,),
-            in_channels=4,
-            dim=_HEADS * _HEAD_DIM,
-            n_layers=4,
-            n_refiner_layers=1,
-            n_heads=_HEADS,
-            n_kv_heads=_HEADS,
-            cap_feat_dim=_TEXT_DIM,
-            axes_dims=list(_ROPE_AXES),
-            axes_lens=[256, 32, 32],
-        ),
-        vae=_autoencoder_kl(scaling_factor=1.5, shift_factor=0.06),
-        text_encoder=Qwen3Model(Qwen3Config(**_decoder_kwargs(tokenizer))).eval(),
-        tokenizer=tokenizer,
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
-    )
-
-
-def _build_flux2() -> diffusers.Flux2Pipeline:
-    tokenizer = _llama_tokenizer(_MISTRAL_SPECIAL_TOKENS, padding_side="left", chat_template=_MISTRAL_CHAT_TEMPLATE)
-    return diffusers.Flux2Pipeline(
-        transformer=diffusers.Flux2Transformer2DModel(
-            patch_size=1,
-            in_channels=16,  # 4 latent channels, 2x2 patches
-            num_layers=2,
-            num_single_layers=2,
-            attention_head_dim=_HEAD_DIM,
-            num_attention_heads=_HEADS,
+            pos_embed_max_size=16)),
+        vae=_KL,
+        scheduler=(diffusers.FlowMatchEulerDiscreteScheduler, dict(shift=3.0)),
+    ),
+    "zimage": _Family(
+        pipeline="ZImagePipeline",
+        text=(("", _qwen_tokenizer, _decoder(Qwen3Model, Qwen3Config)),),
+        transformer=(diffusers.ZImageTransformer2DModel, dict(
+            all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=_HEADS * _HEAD_DIM, n_layers=4,
+            n_refiner_layers=1, n_heads=_HEADS, n_kv_heads=_HEADS, cap_feat_dim=_TEXT_DIM, axes_dims=list(_ROPE_AXES),
+            axes_lens=[256, 32, 32])),
+        vae=_KL,
+        scheduler=(diffusers.FlowMatchEulerDiscreteScheduler, dict(shift=3.0)),
+    ),
+    "flux2": _Family(
+        pipeline="Flux2Pipeline",
+        text=(("", functools.partial(_llama_tokenizer, _MISTRAL_SPECIAL_TOKENS, padding_side="left",
+                                     chat_template=_MISTRAL_CHAT_TEMPLATE), _mistral3_encoder),),
+        transformer=(diffusers.Flux2Transformer2DModel, dict(
+            _FLUX_BLOCKS, patch_size=1, in_channels=16,  # 4 latent channels, 2x2 patches
             joint_attention_dim=3 * _TEXT_DIM,  # hidden states of 3 text-encoder layers, stacked
-            timestep_guidance_channels=32,
-            axes_dims_rope=(4, 4, 4, 4),
-        ),
-        vae=_autoencoder_kl(diffusers.AutoencoderKLFlux2),
-        text_encoder=_mistral3_encoder(tokenizer),
-        tokenizer=tokenizer,
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
-    )
-
-
-def _build_hunyuanvideo() -> diffusers.HunyuanVideoPipeline:
-    tokenizer, tokenizer_2 = _llama_tokenizer(), _clip_tokenizer()
-    return diffusers.HunyuanVideoPipeline(
-        transformer=diffusers.HunyuanVideoTransformer3DModel(
-            in_channels=4,
-            out_channels=4,
-            num_attention_heads=_HEADS,
-            attention_head_dim=_HEAD_DIM,
-            num_layers=2,
-            num_single_layers=2,
-            num_refiner_layers=1,
-            patch_size=2,
-            patch_size_t=1,
-            guidance_embeds=True,
-            text_embed_dim=_TEXT_DIM,
-            pooled_projection_dim=_TEXT_DIM,
-            rope_axes_dim=_ROPE_AXES,
-        ),
-        vae=diffusers.AutoencoderKLHunyuanVideo(
-            latent_channels=4,
-            block_out_channels=(8, 8, 8, 8),
-            layers_per_block=1,
-            norm_num_groups=4,
-            spatial_compression_ratio=8,
-            temporal_compression_ratio=4,
-        ),
-        text_encoder=LlamaModel(LlamaConfig(**_decoder_kwargs(tokenizer, num_hidden_layers=3))).eval(),
-        tokenizer=tokenizer,
-        text_encoder_2=_clip_text_encoder(tokenizer_2),
-        tokenizer_2=tokenizer_2,
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0),
-    )
-
-
-def _build_ltx() -> diffusers.LTXPipeline:
-    tokenizer = _t5_tokenizer()
-    return diffusers.LTXPipeline(
-        transformer=diffusers.LTXVideoTransformer3DModel(
-            in_channels=8,
-            out_channels=8,
-            patch_size=1,
-            patch_size_t=1,
-            num_attention_heads=_HEADS,
-            attention_head_dim=_HEAD_DIM,
-            cross_attention_dim=_HEADS * _HEAD_DIM,
-            num_layers=4,
-            caption_channels=_TEXT_DIM,
-        ),
-        vae=diffusers.AutoencoderKLLTXVideo(
-            latent_channels=8,
-            block_out_channels=(8, 8, 8, 8),
-            decoder_block_out_channels=(8, 8, 8, 8),
-            layers_per_block=(1, 1, 1, 1, 1),
-            decoder_layers_per_block=(1, 1, 1, 1, 1),
+            timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4))),
+        vae=(_autoencoder_kl, dict(cls=diffusers.AutoencoderKLFlux2)),
+    ),
+    "wan22": _Family(**_WAN_FAMILY, two_stage=True),
+    "hunyuanvideo": _Family(
+        pipeline="HunyuanVideoPipeline",
+        text=(("", _llama_tokenizer, _decoder(LlamaModel, LlamaConfig, num_hidden_layers=3)),
+              ("_2", _clip_tokenizer, _clip_text_encoder)),
+        transformer=(diffusers.HunyuanVideoTransformer3DModel, dict(
+            in_channels=4, out_channels=4, num_attention_heads=_HEADS, attention_head_dim=_HEAD_DIM, num_layers=2,
+            num_single_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True,
+            text_embed_dim=_TEXT_DIM, pooled_projection_dim=_TEXT_DIM, rope_axes_dim=_ROPE_AXES)),
+        vae=(diffusers.AutoencoderKLHunyuanVideo, dict(
+            latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+            spatial_compression_ratio=8, temporal_compression_ratio=4)),
+        scheduler=(diffusers.FlowMatchEulerDiscreteScheduler, dict(shift=7.0)),
+    ),
+    "ltx": _Family(
+        pipeline="LTXPipeline",
+        text=(("", _t5_tokenizer, _t5_encoder),),
+        transformer=(diffusers.LTXVideoTransformer3DModel, dict(
+            in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=_HEADS,
+            attention_head_dim=_HEAD_DIM, cross_attention_dim=_HEADS * _HEAD_DIM, num_layers=4,
+            caption_channels=_TEXT_DIM)),
+        vae=(diffusers.AutoencoderKLLTXVideo, dict(
+            latent_channels=8, block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+            layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1),
             spatio_temporal_scaling=(True, True, False, False),
-            decoder_spatio_temporal_scaling=(True, True, False, False),
-            patch_size=1,
-            patch_size_t=1,
-        ),
-        text_encoder=_t5_encoder(tokenizer),
-        tokenizer=tokenizer,
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
-    )
-
-
-def _build_cogview4() -> diffusers.CogView4Pipeline:
-    tokenizer = _qwen_tokenizer()
-    return diffusers.CogView4Pipeline(
-        transformer=diffusers.CogView4Transformer2DModel(
-            patch_size=2,
-            in_channels=4,
-            out_channels=4,
-            num_layers=4,
-            attention_head_dim=_HEAD_DIM,
-            num_attention_heads=_HEADS,
-            text_embed_dim=_TEXT_DIM,
-            time_embed_dim=32,
-            condition_dim=16,
-            sample_size=16,
-            pos_embed_max_size=16,
-            rope_axes_dim=(32, 32),
-        ),
-        vae=_autoencoder_kl(scaling_factor=1.5),
-        text_encoder=GlmModel(GlmConfig(**_decoder_kwargs(tokenizer))).eval(),
-        tokenizer=tokenizer,
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(
-            base_shift=0.25, max_shift=0.75, base_image_seq_len=256, use_dynamic_shifting=True, time_shift_type="linear"
-        ),
-    )
-
-
-def _build_lumina2() -> diffusers.Lumina2Pipeline:
-    tokenizer = _gemma_tokenizer()
-    return diffusers.Lumina2Pipeline(
-        transformer=diffusers.Lumina2Transformer2DModel(
-            sample_size=16,
-            patch_size=2,
-            in_channels=4,
-            hidden_size=_HEADS * _HEAD_DIM,
-            num_layers=4,
-            num_refiner_layers=1,
-            num_attention_heads=_HEADS,
+            decoder_spatio_temporal_scaling=(True, True, False, False), patch_size=1, patch_size_t=1)),
+    ),
+    "cogview4": _Family(
+        pipeline="CogView4Pipeline",
+        text=(("", _qwen_tokenizer, _decoder(GlmModel, GlmConfig)),),
+        transformer=(diffusers.CogView4Transformer2DModel, dict(
+            patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=_HEAD_DIM,
+            num_attention_heads=_HEADS, text_embed_dim=_TEXT_DIM, time_embed_dim=32, condition_dim=16,
+            sample_size=16, pos_embed_max_size=16, rope_axes_dim=(32, 32))),
+        vae=(_autoencoder_kl, dict(scaling_factor=1.5)),
+        scheduler=(diffusers.FlowMatchEulerDiscreteScheduler, dict(
+            base_shift=0.25, max_shift=0.75, base_image_seq_len=256, use_dynamic_shifting=True,
+            time_shift_type="linear")),
+    ),
+    "lumina2": _Family(
+        pipeline="Lumina2Pipeline",
+        text=(("", _gemma_tokenizer, _decoder(Gemma2Model, Gemma2Config, query_pre_attn_scalar=8)),),
+        transformer=(diffusers.Lumina2Transformer2DModel, dict(
+            sample_size=16, patch_size=2, in_channels=4, hidden_size=_HEADS * _HEAD_DIM, num_layers=4,
+            num_refiner_layers=1, num_attention_heads=_HEADS,
             num_kv_heads=_HEADS,  # real Lumina 2 has GQA (24 / 8); 4 kv heads keep 4-rank head sharding simple
-            multiple_of=16,
-            axes_dim_rope=_ROPE_AXES,
-            axes_lens=(300, 64, 64),
-            cap_feat_dim=_TEXT_DIM,
-        ),
-        vae=_autoencoder_kl(num_blocks=4, scaling_factor=1.5, shift_factor=0.06),  # the pipeline assumes scale 8
-        text_encoder=Gemma2Model(Gemma2Config(**_decoder_kwargs(tokenizer, query_pre_attn_scalar=8))).eval(),
-        tokenizer=tokenizer,
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
-    )
-
-
-def _build_chroma() -> diffusers.ChromaPipeline:
-    tokenizer = _t5_tokenizer()
-    return diffusers.ChromaPipeline(
-        transformer=diffusers.ChromaTransformer2DModel(
-            patch_size=1,
-            in_channels=16,
-            num_layers=2,
-            num_single_layers=2,
-            attention_head_dim=_HEAD_DIM,
-            num_attention_heads=_HEADS,
-            joint_attention_dim=_TEXT_DIM,
-            axes_dims_rope=_ROPE_AXES,
-            approximator_num_channels=8,
-            approximator_hidden_dim=32,
-            approximator_layers=1,
-        ),
-        vae=_autoencoder_kl(scaling_factor=1.5, shift_factor=0.06),
-        text_encoder=_t5_encoder(tokenizer),
-        tokenizer=tokenizer,
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
-    )
-
-
-_BUILDERS = {
-    "flux": _build_flux,
-    "qwenimage": _build_qwenimage,
-    "wan": _build_wan,
-    "sd3": _build_sd3,
-    "zimage": _build_zimage,
-    "flux2": _build_flux2,
-    "wan22": functools.partial(_build_wan, two_stage=True),
-    "hunyuanvideo": _build_hunyuanvideo,
-    "ltx": _build_ltx,
-    "cogview4": _build_cogview4,
-    "lumina2": _build_lumina2,
-    "chroma": _build_chroma,
+            multiple_of=16, axes_dim_rope=_ROPE_AXES, axes_lens=(300, 64, 64), cap_feat_dim=_TEXT_DIM)),
+        vae=(_autoencoder_kl, dict(num_blocks=4, scaling_factor=1.5, shift_factor=0.06)),  # the pipeline assumes 8
+    ),
+    "chroma": _Family(
+        pipeline="ChromaPipeline",
+        text=(("", _t5_tokenizer, _t5_encoder),),
+        transformer=(diffusers.ChromaTransformer2DModel, dict(
+            _FLUX_BLOCKS, patch_size=1, in_channels=16, joint_attention_dim=_TEXT_DIM, axes_dims_rope=_ROPE_AXES,
+            approximator_num_channels=8, approximator_hidden_dim=32, approximator_layers=1)),
+        vae=_KL,
+    ),
 }
 
-TINY_FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
+TINY_FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
 
 _IMAGE = dict(height=32, width=32)
 _VIDEO = dict(height=64, width=64, num_frames=5)
@@ -799,7 +661,7 @@ _CALL_KWARGS: dict[str, dict[str, Any]] = {
 
 
 def _check_family(family: str) -> None:
-    if family not in _BUILDERS:
+    if family not in _FAMILIES:
         raise ValueError(f"Unknown tiny pipeline family {family!r}; allowed values: {', '.join(TINY_FAMILIES)}")
 
 
@@ -812,7 +674,7 @@ def tiny_pipeline(family: str, *, seed: int = 0, dtype: torch.dtype = torch.floa
     _check_family(family)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        pipe = _BUILDERS[family]()
+        pipe = _build(_FAMILIES[family])
     if dtype != torch.float32:
         _cast(pipe, dtype)
     pipe.set_progress_bar_config(disable=True)
@@ -825,7 +687,7 @@ def _cast(pipe: diffusers.DiffusionPipeline, dtype: torch.dtype) -> None:
     for component in pipe.components.values():
         if not isinstance(component, torch.nn.Module):
             continue
-        keep = (component._keep_in_fp32_modules if isinstance(component, diffusers.ModelMixin) else None) or ()
+        keep = keep_in_fp32_modules(component) if isinstance(component, diffusers.ModelMixin) else ()
         for name, tensor in [*component.named_parameters(), *component.named_buffers()]:
             if tensor.is_floating_point():
                 fp32 = any(module in name.split(".") for module in keep)
@@ -852,8 +714,6 @@ def tiny_call_kwargs(family: str, *, num_inference_steps: int = 4, seed: int = 0
 
 def _hunyuan_prompt_template() -> dict:
     """HunyuanVideo's default prompt template, with ``crop_start`` = its prefix length under the tiny tokenizer."""
-    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
-
-    template = DEFAULT_PROMPT_TEMPLATE["template"]
+    template = hunyuan_video_prompt_template()["template"]
     crop_start = len(_llama_tokenizer()(template.split("{}")[0]).input_ids)
     return {"template": template, "crop_start": crop_start}

@@ -1,10 +1,20 @@
-"""float64 attention used by the fakes to compute what a vendor kernel documents, (B, H, S, D) layout."""
+"""What every fake shares: float64 attention computing what a vendor kernel documents ((B, H, S, D) layout), and
+`vendor_check`, which raises what a vendor library raises on an argument it rejects."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+
+
+class VendorError(RuntimeError):
+    """What a real vendor library raises (torch's TORCH_CHECK surfaces as RuntimeError)."""
+
+
+def vendor_check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise VendorError(msg)
 
 
 def attention64(q, k, v, *, scale=None, keep=None, bias=None, causal=None, pre_scale_bias=None,

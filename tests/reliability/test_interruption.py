@@ -38,7 +38,7 @@ def _live(pipe) -> int:
     """Cache states and memoised rotary outputs alive right now."""
     cached = cachedit.applied(pipe)["cache"].parts["transformer"]
     memos = [hook for _, hook in cached.memo]
-    return sum(len(c.states._state_cache) for c in cached.stacks) + sum(hook.last is not None for hook in memos)
+    return sum(c.states.live() for c in cached.stacks) + sum(hook.last is not None for hook in memos)
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,7 @@ def _serve(pipe, kind: dict, abandon: bool = False):
 
 
 def _live_states(pipe) -> int:
-    return sum(len(c.states._state_cache) for c in cachedit.applied(pipe)["cache"].parts["transformer"].stacks)
+    return sum(c.states.live() for c in cachedit.applied(pipe)["cache"].parts["transformer"].stacks)
 
 
 def _rss_mib() -> float:

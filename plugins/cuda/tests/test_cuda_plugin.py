@@ -29,9 +29,9 @@ from cachedit.quant.linear import weight_bytes
 from cachedit.quant.spec import QuantSpec
 from cachedit.testing.conformance import ATTENTION_ATOL, reference_attention
 
-from .fakes.reference import max_err, random_qkv
-from .fakes.cuda import FakeCuda, FakeTorchSDPA, VendorError, strict_int_mm, strict_scaled_mm
-from .fakes.flash_attn import make_flash_attn_interface
+from fake_cuda import FakeCuda, FakeTorchSDPA, VendorError, strict_int_mm, strict_scaled_mm
+from fake_flash_attn import make_flash_attn_interface
+from tests.fakes.reference import max_err, random_qkv
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -634,7 +634,7 @@ def test_torchao_is_imported_only_when_its_path_quantizes():
         assert type(path).__name__ == "TorchaoLinearPath", path
         print("torchao imported:", any(m.split(".")[0] == "torchao" for m in sys.modules))
     """
-    from .conftest import run_python
+    from tests.conftest import run_python
 
     out = run_python(code)
     assert out.returncode == 0, out.stderr

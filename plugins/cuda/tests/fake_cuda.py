@@ -12,19 +12,10 @@ import torch
 import torch.nn.attention
 from torch.nn.attention import SDPBackend
 
-from .reference import attention64
+from tests.fakes.reference import VendorError, vendor_check, attention64
 
 
 CUDNN_MASKED = -65504.0  # what torch's SDPA gives cuDNN for masked-out positions instead of -inf
-
-
-class VendorError(RuntimeError):
-    """What the real library raises (torch's TORCH_CHECK surfaces as RuntimeError)."""
-
-
-def _check(ok: bool, msg: str) -> None:
-    if not ok:
-        raise VendorError(msg)
 
 
 class FakeCuda:
@@ -46,7 +37,7 @@ class FakeCuda:
     def get_device_capability(self, device=None):
         index = self.current if device is None else (device.index if isinstance(device, torch.device) else device)
         index = self.current if index is None else int(index)
-        _check(0 <= index < len(self.capabilities), f"Invalid device id {index}")
+        vendor_check(0 <= index < len(self.capabilities), f"Invalid device id {index}")
         return self.capabilities[index]
 
     @property
@@ -64,39 +55,39 @@ def strict_scaled_mm(real, capability):
     dtype every torch release accepts for it (CUTLASS f8f8bf16_rowwise)."""
 
     def scaled_mm(mat1, mat2, scale_a, scale_b, bias=None, scale_result=None, out_dtype=None, use_fast_accum=False):
-        _check(capability() >= (8, 9), "torch._scaled_mm is only supported on CUDA devices with compute "
+        vendor_check(capability() >= (8, 9), "torch._scaled_mm is only supported on CUDA devices with compute "
                                        "capability >= 9.0 or 8.9")
-        _check(mat1.dim() == 2 and mat2.dim() == 2, "mat1 and mat2 must be matrices")
-        _check(mat1.shape[1] == mat2.shape[0], "mat1 and mat2 shapes cannot be multiplied")
-        _check(mat1.dtype in _FP8 and mat2.dtype in _FP8, "Expected both inputs to be fp8 types")
-        _check(not (mat1.dtype == mat2.dtype == torch.float8_e5m2),
+        vendor_check(mat1.dim() == 2 and mat2.dim() == 2, "mat1 and mat2 must be matrices")
+        vendor_check(mat1.shape[1] == mat2.shape[0], "mat1 and mat2 shapes cannot be multiplied")
+        vendor_check(mat1.dtype in _FP8 and mat2.dtype in _FP8, "Expected both inputs to be fp8 types")
+        vendor_check(not (mat1.dtype == mat2.dtype == torch.float8_e5m2),
                "Multiplication of two Float8_e5m2 matrices is not supported")
-        _check(mat1.stride(0) > mat1.stride(1) and mat1.stride(1) == 1, f"self must be row_major, got stride "
+        vendor_check(mat1.stride(0) > mat1.stride(1) and mat1.stride(1) == 1, f"self must be row_major, got stride "
                                                                          f"{mat1.stride()}")
-        _check(mat2.stride(0) == 1 and mat2.stride(1) > 1, f"mat2 must be col_major, got stride {mat2.stride()}")
+        vendor_check(mat2.stride(0) == 1 and mat2.stride(1) > 1, f"mat2 must be col_major, got stride {mat2.stride()}")
         m, k = mat1.shape
         n = mat2.shape[1]
-        _check(k % 16 == 0, f"Expected trailing dimension of mat1 to be divisible by 16 but got {tuple(mat1.shape)}")
-        _check(mat2.shape[0] % 16 == 0 and n % 16 == 0, f"mat2 shape {tuple(mat2.shape)} must be divisible by 16")
+        vendor_check(k % 16 == 0, f"Expected trailing dimension of mat1 to be divisible by 16 but got {tuple(mat1.shape)}")
+        vendor_check(mat2.shape[0] % 16 == 0 and n % 16 == 0, f"mat2 shape {tuple(mat2.shape)} must be divisible by 16")
         tensorwise = scale_a.numel() == 1 and scale_b.numel() == 1
         if tensorwise:
-            _check(scale_a.dtype == torch.float32 and scale_b.dtype == torch.float32,
+            vendor_check(scale_a.dtype == torch.float32 and scale_b.dtype == torch.float32,
                    "For TensorWise scaling, scales should be float and singletons")
         else:
             rowwise = (scale_a.dtype == scale_b.dtype == torch.float32 and tuple(scale_a.shape) == (m, 1)
                        and tuple(scale_b.shape) == (1, n) and scale_a.is_contiguous() and scale_b.is_contiguous())
-            _check(rowwise, f"Invalid scaling configuration: scale_a should be ({m}, 1) and scale_b (1, {n}), float, "
+            vendor_check(rowwise, f"Invalid scaling configuration: scale_a should be ({m}, 1) and scale_b (1, {n}), float, "
                             f"contiguous; got {tuple(scale_a.shape)} {scale_a.dtype}, {tuple(scale_b.shape)} "
                             f"{scale_b.dtype}")
-            _check(out_dtype == torch.bfloat16, "Only bf16 high precision output types are supported for row-wise "
+            vendor_check(out_dtype == torch.bfloat16, "Only bf16 high precision output types are supported for row-wise "
                                                 "scaling.")
         out = mat1.dtype if out_dtype is None else out_dtype
         if bias is not None:
-            _check(bias.numel() == n, f"Bias must be size {n} but got {bias.numel()}")
-            _check(out != torch.float32, "Bias is not supported when out_dtype is set to Float32")
-            _check(bias.dtype in (torch.bfloat16, torch.float16),
+            vendor_check(bias.numel() == n, f"Bias must be size {n} but got {bias.numel()}")
+            vendor_check(out != torch.float32, "Bias is not supported when out_dtype is set to Float32")
+            vendor_check(bias.dtype in (torch.bfloat16, torch.float16),
                    f"Bias must be BFloat16 or Half, but got {bias.dtype}")
-            _check(bias.dtype == out, f"Bias must be {out} to compute {out} output, but got {bias.dtype}")
+            vendor_check(bias.dtype == out, f"Bias must be {out} to compute {out} output, but got {bias.dtype}")
         scaled_mm.calls.append({"rowwise": not tensorwise, "out_dtype": out, "bias": bias is not None,
                                 "fast_accum": use_fast_accum})
         return real(mat1, mat2, scale_a, scale_b, bias=bias, scale_result=scale_result, out_dtype=out_dtype,
@@ -110,14 +101,14 @@ def strict_int_mm(real):
     """torch._int_mm with the checks of _int_mm_out_cuda (aten/src/ATen/native/cuda/Blas.cpp)."""
 
     def int_mm(a, b):
-        _check(a.dim() == 2 and b.dim() == 2, "Expected self and mat2 to be of dimension 2")
-        _check(a.shape[0] > 16, f"self.size(0) needs to be greater than 16, but got {a.shape[0]}")
-        _check(a.shape[1] > 0 and a.shape[1] % 8 == 0,
+        vendor_check(a.dim() == 2 and b.dim() == 2, "Expected self and mat2 to be of dimension 2")
+        vendor_check(a.shape[0] > 16, f"self.size(0) needs to be greater than 16, but got {a.shape[0]}")
+        vendor_check(a.shape[1] > 0 and a.shape[1] % 8 == 0,
                f"self.size(1) needs to be greater than 0 and a multiple of 8, but got {a.shape[1]}")
-        _check(a.shape[1] == b.shape[0], "self.size(1) needs to match mat2.size(0)")
-        _check(b.shape[1] > 0 and b.shape[1] % 8 == 0,
+        vendor_check(a.shape[1] == b.shape[0], "self.size(1) needs to match mat2.size(0)")
+        vendor_check(b.shape[1] > 0 and b.shape[1] % 8 == 0,
                f"mat2.size(1) needs to be greater than 0 and a multiple of 8, but got {b.shape[1]}")
-        _check(a.dtype == torch.int8 and b.dtype == torch.int8, "expected int8 operands")
+        vendor_check(a.dtype == torch.int8 and b.dtype == torch.int8, "expected int8 operands")
         int_mm.calls.append(tuple(a.shape))
         return real(a, b)
 
@@ -143,7 +134,7 @@ class FakeTorchSDPA:
     @contextlib.contextmanager
     def sdpa_kernel(self, backends, set_priority=False):
         backends = list(backends) if isinstance(backends, (list, tuple)) else [backends]
-        _check(all(isinstance(b, SDPBackend) for b in backends), "sdpa_kernel takes SDPBackend members")
+        vendor_check(all(isinstance(b, SDPBackend) for b in backends), "sdpa_kernel takes SDPBackend members")
         self.active.append(backends)
         try:
             yield
@@ -153,35 +144,35 @@ class FakeTorchSDPA:
     # constraints shared by the F.sdpa path and the aten ops
     def _constraints(self, backend, q, k, v, mask, is_causal, gqa_ok):
         cap = self.cuda.capability
-        _check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, "expected (batch, heads, seq, dim) inputs")
-        _check(q.dtype == k.dtype == v.dtype, "query, key and value must have the same dtype")
-        _check(q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, "last dim stride must be 1")
-        _check(q.shape[0] == k.shape[0] == v.shape[0], "batch sizes must match")
+        vendor_check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, "expected (batch, heads, seq, dim) inputs")
+        vendor_check(q.dtype == k.dtype == v.dtype, "query, key and value must have the same dtype")
+        vendor_check(q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, "last dim stride must be 1")
+        vendor_check(q.shape[0] == k.shape[0] == v.shape[0], "batch sizes must match")
         if k.shape[1] != q.shape[1]:
-            _check(gqa_ok and q.shape[1] % k.shape[1] == 0,
+            vendor_check(gqa_ok and q.shape[1] % k.shape[1] == 0,
                    "key/value heads differ from query heads (needs enable_gqa=True and a divisor)")
         d, dv = q.shape[-1], v.shape[-1]
         if backend == SDPBackend.FLASH_ATTENTION:
-            _check((8, 0) <= cap <= (12, 1), f"Flash attention only supports [sm80, sm121], got sm{cap}")
-            _check(q.dtype in (torch.float16, torch.bfloat16), f"flash: dtype {q.dtype} unsupported")
-            _check(mask is None, "flash attention does not support attn_mask")
-            _check(d == k.shape[-1] == dv and d <= 256, "Flash attention requires equal head dims <= 256")
-            _check(not is_causal or q.shape[2] == k.shape[2],
+            vendor_check((8, 0) <= cap <= (12, 1), f"Flash attention only supports [sm80, sm121], got sm{cap}")
+            vendor_check(q.dtype in (torch.float16, torch.bfloat16), f"flash: dtype {q.dtype} unsupported")
+            vendor_check(mask is None, "flash attention does not support attn_mask")
+            vendor_check(d == k.shape[-1] == dv and d <= 256, "Flash attention requires equal head dims <= 256")
+            vendor_check(not is_causal or q.shape[2] == k.shape[2],
                    "Flash attention does not support the is_causal flag when seqlen_q != seqlen_k")
         elif backend == SDPBackend.EFFICIENT_ATTENTION:
-            _check((5, 0) <= cap <= (12, 1), f"Mem Efficient Attention only supports [sm50, sm121], got sm{cap}")
+            vendor_check((5, 0) <= cap <= (12, 1), f"Mem Efficient Attention only supports [sm50, sm121], got sm{cap}")
             dtypes = (torch.float16, torch.float32) + ((torch.bfloat16,) if cap >= (8, 0) else ())
-            _check(q.dtype in dtypes, f"efficient: dtype {q.dtype} unsupported on sm{cap}")
+            vendor_check(q.dtype in dtypes, f"efficient: dtype {q.dtype} unsupported on sm{cap}")
             align = 8 if q.dtype in (torch.float16, torch.bfloat16) else 4
-            _check(d == k.shape[-1] and d % align == 0 and dv % align == 0,
+            vendor_check(d == k.shape[-1] and d % align == 0 and dv % align == 0,
                    f"Mem efficient attention requires last dimension of inputs to be divisible by {align}")
         elif backend == SDPBackend.CUDNN_ATTENTION:
-            _check((8, 0) <= cap <= (12, 1), f"cuDNN MHA only supports [sm80, sm121], got sm{cap}")
-            _check(self.cuda_cudnn() >= 90000, "cuDNN SDPA needs cuDNN >= 9.0")
-            _check(q.dtype in (torch.float16, torch.bfloat16), f"cudnn: dtype {q.dtype} unsupported")
-            _check(d <= 128 and dv <= 128, "head_dim should be no more than 128")
-            _check(d % 8 == 0 and dv % 8 == 0, "head_dim should be a multiple of 8")
-            _check(k.shape[2] != 1, "cudnn SDPA does not support key/value sequence length 1")
+            vendor_check((8, 0) <= cap <= (12, 1), f"cuDNN MHA only supports [sm80, sm121], got sm{cap}")
+            vendor_check(self.cuda_cudnn() >= 90000, "cuDNN SDPA needs cuDNN >= 9.0")
+            vendor_check(q.dtype in (torch.float16, torch.bfloat16), f"cudnn: dtype {q.dtype} unsupported")
+            vendor_check(d <= 128 and dv <= 128, "head_dim should be no more than 128")
+            vendor_check(d % 8 == 0 and dv % 8 == 0, "head_dim should be a multiple of 8")
+            vendor_check(k.shape[2] != 1, "cudnn SDPA does not support key/value sequence length 1")
         else:
             raise VendorError(f"fake does not model backend {backend}")
 
@@ -190,11 +181,11 @@ class FakeTorchSDPA:
 
     def scaled_dot_product_attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                                      scale=None, enable_gqa=False):
-        _check(self.active and len(self.active[-1]) == 1, "the fake expects one backend pinned by sdpa_kernel")
+        vendor_check(self.active and len(self.active[-1]) == 1, "the fake expects one backend pinned by sdpa_kernel")
         backend = self.active[-1][0]
-        _check(not (is_causal and attn_mask is not None),
+        vendor_check(not (is_causal and attn_mask is not None),
                "_scaled_dot_product_attention: Explicit attn_mask should not be set when is_causal=True")
-        _check(dropout_p == 0.0, "inference: dropout must be 0")
+        vendor_check(dropout_p == 0.0, "inference: dropout must be 0")
         self._constraints(backend, query, key, value, attn_mask, is_causal, gqa_ok=enable_gqa)
         self.calls.append(("sdpa", backend.name, attn_mask is not None, is_causal))
         keep = bias = None
@@ -211,30 +202,30 @@ class FakeTorchSDPA:
     def _check_bias(self, bias, q, k, align):
         if bias is None:
             return None
-        _check(bias.dtype == q.dtype, f"attn_bias must have the query's dtype {q.dtype}, got {bias.dtype}")
-        _check(tuple(bias.shape) == (q.shape[0], q.shape[1], q.shape[2], k.shape[2]),
+        vendor_check(bias.dtype == q.dtype, f"attn_bias must have the query's dtype {q.dtype}, got {bias.dtype}")
+        vendor_check(tuple(bias.shape) == (q.shape[0], q.shape[1], q.shape[2], k.shape[2]),
                f"attn_bias must be (B, H, Sq, Sk), got {tuple(bias.shape)}")
-        _check(all(s % align == 0 for s in bias.stride()[:-1]) and bias.stride(-1) == 1,
+        vendor_check(all(s % align == 0 for s in bias.stride()[:-1]) and bias.stride(-1) == 1,
                f"attn_bias is not correctly aligned (strides {bias.stride()}, alignment {align})")
         return bias
 
     def _aten(self, backend, q, k, v, bias, dropout_p, is_causal, scale):
-        _check(dropout_p == 0.0, "inference: dropout must be 0")
-        _check(not is_causal or q.shape[2] == k.shape[2], "fake: non-square causal is not modelled for aten ops")
+        vendor_check(dropout_p == 0.0, "inference: dropout must be 0")
+        vendor_check(not is_causal or q.shape[2] == k.shape[2], "fake: non-square causal is not modelled for aten ops")
         self._constraints(backend, q, k, v, bias, is_causal, gqa_ok=False)
         out, lse = attention64(q, k, v, scale=scale, bias=bias, causal="top_left" if is_causal else None)
         self.calls.append(("aten", backend.name, bias is not None, is_causal))
         return out.to(q.dtype), lse.float()
 
     def flash_op(self, query, key, value, dropout_p=0.0, is_causal=False, return_debug_mask=False, *, scale=None):
-        _check(query.shape[-1] % 8 == 0, "flash kernel: head dimension must be a multiple of 8")
+        vendor_check(query.shape[-1] % 8 == 0, "flash kernel: head dimension must be a multiple of 8")
         out, lse = self._aten(SDPBackend.FLASH_ATTENTION, query, key, value, None, dropout_p, is_causal, scale)
         b, h, lq, _ = query.shape
         return (out, lse, None, None, lq, key.shape[2], torch.empty(2), torch.empty(()), torch.empty(0))
 
     @staticmethod
     def _check_cudnn_bias(bias):
-        _check(bias is None or not torch.isneginf(bias).any(),
+        vendor_check(bias is None or not torch.isneginf(bias).any(),
                f"fake cuDNN: -inf in the attention bias (torch itself gives cuDNN {CUDNN_MASKED} to avoid a cuDNN "
                "issue with -inf)")
 

@@ -12,8 +12,7 @@ import types
 
 import torch
 
-from .cuda import VendorError, _check
-from .reference import attention64
+from tests.fakes.reference import VendorError, vendor_check, attention64
 
 
 def make_flash_attn_interface(capability, legacy: bool = False) -> types.ModuleType:
@@ -25,29 +24,29 @@ def make_flash_attn_interface(capability, legacy: bool = False) -> types.ModuleT
 
     def _forward(q, k, v, softmax_scale, causal, qv, q_descale, k_descale, v_descale, window_size, attention_chunk,
                  softcap, num_splits, pack_gqa, deterministic, sm_margin):
-        _check(capability()[0] >= 8, "FlashAttention only supports Ampere GPUs or newer.")
-        _check(q.dtype in (torch.float16, torch.bfloat16, torch.float8_e4m3fn),
+        vendor_check(capability()[0] >= 8, "FlashAttention only supports Ampere GPUs or newer.")
+        vendor_check(q.dtype in (torch.float16, torch.bfloat16, torch.float8_e4m3fn),
                "FlashAttention only supports fp16, bf16, and fp8_e4m3 data type")
-        _check(q.dtype != torch.float8_e4m3fn, "fake: fp8 inputs are not modelled")
-        _check(k.dtype == q.dtype, "query and key must have the same dtype")
-        _check(v.dtype == q.dtype, "query and value must have the same dtype")
+        vendor_check(q.dtype != torch.float8_e4m3fn, "fake: fp8 inputs are not modelled")
+        vendor_check(k.dtype == q.dtype, "query and key must have the same dtype")
+        vendor_check(v.dtype == q.dtype, "query and value must have the same dtype")
         for t in (q, k, v):
-            _check(t.stride(-1) == 1, "Input tensor must have contiguous last dimension")
-        _check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, "expected (batch, seqlen, nheads, headdim) tensors")
+            vendor_check(t.stride(-1) == 1, "Input tensor must have contiguous last dimension")
+        vendor_check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, "expected (batch, seqlen, nheads, headdim) tensors")
         b, lq, h, d = q.shape
-        _check(k.shape[0] == b, "batch_size must be equal to batch_size_k")
+        vendor_check(k.shape[0] == b, "batch_size must be equal to batch_size_k")
         hk, dv = k.shape[2], v.shape[3]
-        _check(d <= 256, "FlashAttention forward only supports head dimension at most 256")
-        _check(h % hk == 0, "Number of heads in key/value must divide number of heads in query")
-        _check(dv == d, "fake: only V headdim == Q/K headdim is modelled")
-        _check(tuple(k.shape) == (b, k.shape[1], hk, d) and tuple(v.shape) == (b, k.shape[1], hk, dv),
+        vendor_check(d <= 256, "FlashAttention forward only supports head dimension at most 256")
+        vendor_check(h % hk == 0, "Number of heads in key/value must divide number of heads in query")
+        vendor_check(dv == d, "fake: only V headdim == Q/K headdim is modelled")
+        vendor_check(tuple(k.shape) == (b, k.shape[1], hk, d) and tuple(v.shape) == (b, k.shape[1], hk, dv),
                "k and v must be (batch, seqlen_k, nheads_k, headdim)")
-        _check(d % 8 == 0, "head_size should be a multiple of 8")
-        _check(qv is None and q_descale is None and k_descale is None and v_descale is None,
+        vendor_check(d % 8 == 0, "head_size should be a multiple of 8")
+        vendor_check(qv is None and q_descale is None and k_descale is None and v_descale is None,
                "fake: qv / descale inputs are not modelled")
-        _check(tuple(window_size) == (-1, -1) and attention_chunk == 0 and softcap == 0.0,
+        vendor_check(tuple(window_size) == (-1, -1) and attention_chunk == 0 and softcap == 0.0,
                "fake: local windows, chunks and softcap are not modelled")
-        _check(num_splits >= 1, "num_splits must be >= 1 for this call")
+        vendor_check(num_splits >= 1, "num_splits must be >= 1 for this call")
         scale = d ** -0.5 if softmax_scale is None else softmax_scale
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
         out, lse = attention64(qt, kt, vt, scale=scale, causal="bottom_right" if causal else None)

@@ -27,8 +27,8 @@ from cachedit.plugins import manager
 from cachedit.quant.spec import QuantSpec
 from cachedit.testing.conformance import ATTENTION_ATOL, reference_attention
 
-from .fakes.reference import max_err, random_qkv
-from .fakes.torch_npu import FailingImport, VendorError, make_torch_npu
+from fake_torch_npu import FailingImport, VendorError, make_torch_npu
+from tests.fakes.reference import max_err, random_qkv
 
 
 @pytest.fixture
