@@ -121,7 +121,7 @@ def main() -> None:
     import cachedit
     from cachedit.benchmarking.measure import block_names, counted
     from cachedit.benchmarking.methods import model_and_call
-    from cachedit.cache.calibrators import register_calibrator
+    from cachedit.cache.calibrators import CALIBRATORS
     from cachedit.cache.forecasts import TimedTaylor
     from cachedit.metrics import psnr
 
@@ -129,11 +129,11 @@ def main() -> None:
         def __init__(self, order: int = 1) -> None:
             super().__init__(order, guard=False)
 
-    register_calibrator("taylor_t_unguarded", Unguarded)  # this sweep only: the guard's effect
+    CALIBRATORS.register("taylor_t_unguarded", Unguarded)  # this sweep only: the guard's effect
     from cachedit.cache.forecasts import FreqCa
 
     for cutoff in (0.1, 0.5):  # and FreqCa's band split
-        register_calibrator(f"freqca_c{cutoff}", type(f"FreqCa{cutoff}", (FreqCa,), {"cutoff": cutoff}))
+        CALIBRATORS.register(f"freqca_c{cutoff}", type(f"FreqCa{cutoff}", (FreqCa,), {"cutoff": cutoff}))
     load0, call, prompts = model_and_call("reference")
     prompts = prompts[: args.prompts]
 

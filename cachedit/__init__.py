@@ -14,6 +14,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from . import plugins as _plugins  # noqa: F401 - light (no plugin loads); lets model lookups see plugins' models
+
 __version__ = "0.1.0"
 
 _PUBLIC = {

@@ -9,14 +9,14 @@ initialising any device.
 
 from __future__ import annotations
 
-import contextvars
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+from .registry import current_owner
+
 # The plugin whose hook implementation is running; set by the plugin manager's guard, read by
-# `BackendRegistry.add` to record who declared what.
-declaring_plugin: contextvars.ContextVar[str | None] = contextvars.ContextVar("cachedit_declaring_plugin",
-                                                                              default=None)
+# `BackendRegistry.add` (and every `Registry.register`) to record who declared what.
+declaring_plugin = current_owner
 
 
 def _always_available() -> tuple[bool, str]:

@@ -128,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("calibrate", help="fit TeaCache's polynomial or MagCache's ratios from uncached runs")
     p.add_argument("--model", default="reference", type=model_source("reference", "tiny"),
                    help="'reference', 'tiny' or a pipeline folder")
-    p.add_argument("--policy", choices=["teacache", "magcache"], required=True)
+    from .cache.calibrate import calibrated_policies
+
+    p.add_argument("--policy", choices=calibrated_policies(), required=True)
     p.add_argument("--steps", type=positive_int, default=28)
     p.add_argument("--runs", type=positive_int, default=4, help="uncached runs (prompts cycle, seeds differ)")
     p.add_argument("--out", default=None, type=writable_file, help="write the options as JSON here")

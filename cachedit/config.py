@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .cache.masks import MASK_FRACTIONS
+
 
 def _fail(cls: str, name: str, value: Any, allowed: str) -> None:
     raise ValueError(f"{cls}.{name}={value!r} is invalid; allowed values: {allowed}")
@@ -47,7 +49,7 @@ def _check_sequence(cls: str, name: str, value: Any, allowed: str, kinds: tuple 
 
 
 CACHE_MODES = ("dbcache", "dbprune")
-MASK_POLICIES = ("slow", "medium", "fast", "ultra")
+MASK_POLICIES = tuple(MASK_FRACTIONS)  # the step-mask presets' names
 MASK_MODES = ("dynamic", "static")
 
 
@@ -99,7 +101,7 @@ class CacheConfig:
         object.__setattr__(self, "protected_blocks", tuple(sorted(set(self.protected_blocks))))
         from .cache.calibrators import CALIBRATORS  # the live registry: users may add their own
 
-        _check_choice(n, "calibrator", self.calibrator, tuple(CALIBRATORS))
+        _check_choice(n, "calibrator", self.calibrator, (None, *CALIBRATORS.names()))
         _check_int(n, "taylorseer_order", self.taylorseer_order, 1)
         if self.calibrator is not None and self.mode != "dbcache":
             _fail(n, "calibrator", self.calibrator, "None when mode='dbprune' (calibrators forecast the DBCache residual)")
@@ -114,7 +116,7 @@ class CacheConfig:
         _check_choice(n, "mask_mode", self.mask_mode, MASK_MODES)
         from .cache.policies import POLICIES, make_policy  # the live registry: users may add their own
 
-        _check_choice(n, "policy", self.policy, tuple(POLICIES))
+        _check_choice(n, "policy", self.policy, tuple(POLICIES.names()))
         if not isinstance(self.policy_options, dict) or not all(isinstance(k, str) for k in self.policy_options):
             _fail(n, "policy_options", self.policy_options, "a dict of the policy's options")
         object.__setattr__(self, "policy_options", copy.deepcopy(self.policy_options))  # the caller's stays theirs

@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--Bn", type=int, help="explicit DBCache: last blocks always computed")
     p.add_argument("--threshold", type=finite_float, help="explicit DBCache: residual diff threshold")
     p.add_argument("--warmup", type=int, help="explicit DBCache: warmup steps")
-    p.add_argument("--calibrator", choices=sorted(c for c in CALIBRATORS if c), help="forecast skipped residuals")
+    p.add_argument("--calibrator", choices=sorted(CALIBRATORS.names()), help="forecast skipped residuals")
     p.add_argument("--parallel", choices=PARALLEL_MODES, default="none")
     p.add_argument("--degree", type=positive_int, default=None, help="ranks for the parallel mode (default: "
                    "WORLD_SIZE)")

@@ -4,7 +4,7 @@ A plugin is any module or object registered under the entry-point group `cachedi
 whose functions are marked with `cachedit.hookimpl`. Implementations may accept any subset of
 a hook's arguments (pluggy passes by name), so specs can grow without breaking plugins.
 
-Routing: a question about a backend (every hook but `cachedit_register_backends`) goes only to
+Routing: a question about a backend (every hook but the two registration hooks) goes only to
 the plugin that declared that backend (the winner when several declared the same name), to
 plugins that declare no backend at all (extensions: they see every backend), and to the core's
 `trylast` defaults. A plugin therefore never needs to check `backend.name`. Hooks are called
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .attention import AttentionKernel
     from .backend import Backend, BackendRegistry
     from .config import CompileTarget
+    from .models import ModelRegistries
     from .parallel.communicator import Communicator
     from .quant.spec import QuantizedLinearPath, QuantSpec
 
@@ -47,6 +48,24 @@ def cachedit_register_backends(registry: BackendRegistry) -> None:
     Historic: a plugin registered after loading (``manager().register(plugin, name)``) is asked
     too. Must be cheap and must not initialise a device: put device probing inside the backend's
     ``is_available()``, which returns ``(ok, reason)``. Return nothing.
+    """
+
+
+@hookspec(historic=True)
+def cachedit_register_models(registry: ModelRegistries) -> None:
+    """Ship support for model families: adapters, block IO, context- and tensor-parallel plans.
+
+    :param registry: a `cachedit.models.ModelRegistries`; register with
+        ``registry.adapters.register(transformer_class_name, cachedit.adapters.Adapter(...))``,
+        ``registry.block_io.register(block_class_name, cachedit.adapters.BlockIO(...))``,
+        ``registry.cp_plans.register(class_name, build)`` and ``registry.tp_plans.register(class_name, build)``
+        (``build(module)`` returns a `cachedit.parallel.plans.CPPlan` / `cachedit.parallel.tp_plans.TPPlan`).
+
+    Each registration is recorded against this plugin: it replaces a same-named entry while the
+    plugin is loaded, and the entry it replaced serves again if the plugin fails. Historic, like
+    `cachedit_register_backends`. Registries are imported on first access, so a plugin that ships
+    no model costs nothing. An exception here is recorded against the plugin, which is then
+    ignored (its backends and models with it). Return nothing.
     """
 
 

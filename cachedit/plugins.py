@@ -4,7 +4,11 @@ Loading. Plugins come from the entry-point group `cachedit.plugins`. CACHEDIT_PL
 them by entry-point name: "cpu_ref,cuda" loads only those, "-ascend" loads all but that one.
 Registering a plugin is what asks it for its backends: `cachedit_register_backends` is a
 historic hook, so a plugin registered at any time (`manager().register(plugin, name)`) is asked,
-one plugin at a time, and one failure stays local.
+one plugin at a time, and one failure stays local. `cachedit_register_models` (historic too) lets a
+plugin ship model support into the adapter, block-IO and CP / TP plan registries; each entry is
+recorded against the plugin and forgotten with it. Those registries cannot import this module (it
+imports them), so this module installs `_load_plugin_models` in `cachedit.model_lookup`: a lookup
+of a model loads the plugins first.
 
 Routing. Hooks are called through pluggy's own hook callers, so `firstresult`, `tryfirst` /
 `trylast` and hook wrappers behave as pluggy documents them. A question about backend B goes,
@@ -37,8 +41,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import pluggy
 
-from . import hookspecs
+from . import hookspecs, model_lookup
 from .backend import Backend, BackendRegistry, PluginRecord, declaring_plugin
+from .models import ModelRegistries
 
 if TYPE_CHECKING:
     from .attention import AttentionKernel
@@ -151,6 +156,7 @@ def _compile_options_problem(answer: Any) -> str:
 
 ANSWER_PROBLEMS: dict[str, Callable[[Any], str]] = {
     "cachedit_register_backends": lambda a: f"a return value {a!r:.60}; declare backends with registry.add(...)",
+    "cachedit_register_models": lambda a: f"a return value {a!r:.60}; register with registry.adapters.register(...)",
     "cachedit_attention_kernels": _kernels_problem,
     "cachedit_communicator": _instance_problem("cachedit.parallel.communicator", "Communicator"),
     "cachedit_quantized_linear": _instance_problem("cachedit.quant.spec", "QuantizedLinearPath"),
@@ -215,10 +221,12 @@ class PluginManager:
         self.excluded: dict[str, str] = {}  # plugin name -> why it was not loaded
         self.backends: dict[str, Backend] = {}  # backend name -> the winning declaration
         self._registry = BackendRegistry()
+        self.models = ModelRegistries()  # the process-wide model registries, as plugins see them
         from . import defaults
 
         self._pm.register(defaults, name=BUILTIN)  # the core's own: not guarded, a fault there is a bug
         self._pm.hook.cachedit_register_backends.call_historic(kwargs={"registry": self._registry})
+        self._pm.hook.cachedit_register_models.call_historic(kwargs={"registry": self.models})
 
     # -- loading ---------------------------------------------------------------------------
     def load_entry_points(self, entry_points: Iterable[Any] | None = None) -> None:
@@ -254,6 +262,21 @@ class PluginManager:
         for its backends at once. Its faults are recorded in `failed`, like those of loaded plugins."""
         self._register(plugin, name)
         self._select_backends(warn=True)
+
+    def unregister(self, name: str) -> None:
+        """Remove plugin `name` with the backends it declared and the models it registered."""
+        if name == BUILTIN or not self._pm.has_plugin(name):
+            raise PluginError(f"no plugin named {name!r} is registered")
+        self._pm.unregister(name=name)
+        self._registry.forget(name)
+        self.models.forget(name)
+        self._select_backends(warn=False)
+
+    def close(self) -> None:
+        """Forget every plugin's models (this manager is being replaced)."""
+        for name, _ in self._pm.list_name_plugin():
+            if name != BUILTIN:
+                self.models.forget(name)
 
     def _register(self, plugin: Any, name: str) -> None:
         if self._pm.has_plugin(name) or name == BUILTIN:
@@ -297,6 +320,7 @@ class PluginManager:
         if self._pm.has_plugin(name):
             self._pm.unregister(name=name)
         self._registry.forget(name)
+        self.models.forget(name)
         self._select_backends(warn=False)
         warnings.warn(f"cachedit plugin {name!r} is ignored: {error}", stacklevel=3)
 
@@ -402,14 +426,19 @@ class PluginManager:
 
 
 _MANAGER: PluginManager | None = None
+_BUILDING = False  # manager() is loading plugins: a model lookup meanwhile must not start another load
 
 
 def manager() -> PluginManager:
     """The process-wide plugin manager, loaded on first use."""
-    global _MANAGER
+    global _MANAGER, _BUILDING
     if _MANAGER is None:
-        pm = PluginManager()
-        pm.load_entry_points()
+        _BUILDING = True
+        try:
+            pm = PluginManager()
+            pm.load_entry_points()
+        finally:
+            _BUILDING = False
         _MANAGER = pm
     return _MANAGER
 
@@ -417,5 +446,16 @@ def manager() -> PluginManager:
 def reload() -> PluginManager:
     """Forget loaded plugins and load again (after installing one, or changing CACHEDIT_PLUGINS)."""
     global _MANAGER
-    _MANAGER = None
+    old, _MANAGER = _MANAGER, None
+    if old is not None:
+        old.close()
     return manager()
+
+
+def _load_plugin_models() -> None:
+    """Before a model lookup: the plugins are loaded, so the models they ship are registered."""
+    if _MANAGER is None and not _BUILDING:
+        manager()
+
+
+model_lookup.install(_load_plugin_models)

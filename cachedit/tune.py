@@ -60,18 +60,19 @@ def search_space(policies: list[str] | None = None, calibrators: list[str | None
     from .cache.calibrators import CALIBRATORS
     from .cache.policies import POLICIES
 
-    names = list(POLICIES) if policies is None else policies
-    unknown = sorted(set(names) - set(POLICIES))
+    names = POLICIES.names() if policies is None else policies
+    unknown = sorted(set(names) - set(POLICIES.names()))
     if unknown:
-        raise ValueError(f"tune: policies {unknown} are unknown; allowed values: {sorted(POLICIES)}")
-    calibs = list(CALIBRATORS) if calibrators is None else calibrators
-    unknown = sorted(set(calibs) - set(CALIBRATORS), key=str)
+        raise ValueError(f"tune: policies {unknown} are unknown; allowed values: {sorted(POLICIES.names())}")
+    known_calibs = [None, *CALIBRATORS.names()]  # None: plain reuse of the last computed residual
+    calibs = known_calibs if calibrators is None else calibrators
+    unknown = sorted(set(calibs) - set(known_calibs), key=str)
     if unknown:
-        raise ValueError(f"tune: calibrators {unknown} are unknown; allowed values: {sorted(c for c in CALIBRATORS if c)}")
+        raise ValueError(f"tune: calibrators {unknown} are unknown; allowed values: {sorted(CALIBRATORS.names())}")
     options = policy_options or {}
     out = []
     for name in names:
-        for space in POLICIES[name].tune_space():
+        for space in POLICIES.get(name).tune_space():
             for calibrator in calibs:
                 cache = {**space, "policy": name, "calibrator": calibrator}
                 if name in options:
@@ -256,8 +257,9 @@ def add_arguments(p) -> None:
     p.add_argument("--prompts", nargs="+", default=None, help="calibration prompts (default: three of the model's)")
     p.add_argument("--seeds", type=positive_int, default=1, help="seeds per prompt")
     p.add_argument("--steps", type=positive_int, default=28)
-    p.add_argument("--policies", nargs="+", choices=sorted(POLICIES), default=None, help="default: every registered")
-    p.add_argument("--calibrators", nargs="+", choices=["none", *sorted(c for c in CALIBRATORS if c)], default=None,
+    p.add_argument("--policies", nargs="+", choices=sorted(POLICIES.names()), default=None,
+                   help="default: every registered")
+    p.add_argument("--calibrators", nargs="+", choices=["none", *sorted(CALIBRATORS.names())], default=None,
                    help="default: every registered, and none")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="tuned.json", type=writable_file, help="the chosen cache config (JSON)")
@@ -269,7 +271,7 @@ def run(args) -> int:
 
     from .arguments import UserError
     from .benchmarking import model_and_call
-    from .cache.calibrate import calibrate
+    from .cache.calibrate import calibrate, calibrated_policies
 
     if args.speedup is not None and args.speedup <= 1:
         raise UserError(f"--speedup {args.speedup} is invalid; allowed values: a number > 1")
@@ -283,7 +285,7 @@ def run(args) -> int:
     pipe = load()
     options = {}
     wanted = args.policies if args.policies is not None else None
-    for name in ("magcache", "teacache"):
+    for name in calibrated_policies():
         if wanted is None or name in wanted:
             options[name] = calibrate(pipe, name, runs)
     calibs = None if args.calibrators is None else [None if c == "none" else c for c in args.calibrators]

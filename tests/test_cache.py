@@ -294,7 +294,7 @@ def test_decisions_are_agreed_across_ranks():
 
 
 def test_user_calibrator_and_adapter_plug_in_without_touching_the_core():
-    from cachedit.adapters import _ADAPTERS, Adapter, register_adapter
+    from cachedit.adapters import ADAPTERS, Adapter, register_adapter
     from cachedit.cache import CALIBRATORS, Calibrator, register_calibrator
 
     class Halved(Calibrator):
@@ -304,7 +304,7 @@ def test_user_calibrator_and_adapter_plug_in_without_touching_the_core():
             return self.last * 0.5
 
     register_calibrator("halved", Halved)
-    saved = _ADAPTERS["FluxTransformer2DModel"]
+    saved = ADAPTERS.get("FluxTransformer2DModel")
     register_adapter("FluxTransformer2DModel", Adapter("flux-single-only", ("single_transformer_blocks",)))
     try:
         pipe = tiny_pipeline("flux")
@@ -319,7 +319,7 @@ def test_user_calibrator_and_adapter_plug_in_without_touching_the_core():
                    for b in pipe.transformer.transformer_blocks)
     finally:
         register_adapter("FluxTransformer2DModel", saved)
-        CALIBRATORS.pop("halved")
+        CALIBRATORS.unregister("halved")
     with pytest.raises(ValueError, match="CacheConfig.calibrator='halved' is invalid; allowed values: None, "):
         cachedit.CacheConfig(calibrator="halved")
 

@@ -186,7 +186,7 @@ def test_the_tuner_searches_the_intervals_with_every_calibrator():
     from cachedit.tune import search_space
 
     found = {(c.cache["calibrator"], c.cache["policy_options"]["interval"]) for c in search_space(["interval"])}
-    assert found == {(calibrator, n) for calibrator in CALIBRATORS for n in (2, 3, 4, 5, 6)}
+    assert found == {(calibrator, n) for calibrator in (None, *CALIBRATORS) for n in (2, 3, 4, 5, 6)}
     for candidate in search_space(["interval"], ["foca"]):
         cachedit.CacheConfig(**candidate.cache)  # each one a valid config
 
@@ -210,7 +210,7 @@ def test_the_timestep_clock_reads_the_transformer_timestep_of_each_step():
         for step, position in seen:
             assert position == pytest.approx(float(timesteps[step]), rel=1e-6)
     finally:
-        CALIBRATORS.pop("recording")
+        CALIBRATORS.unregister("recording")
 
 
 REFERENCE_PROMPTS = ("a handwritten digit 3", "a handwritten digit 8")

@@ -101,7 +101,7 @@ def test_user_policy_plugs_in():
         _run(pipe, "flux", steps=8)
         assert _contexts(pipe)["cond"]["cached_steps"] == [1, 3, 5, 7]
     finally:
-        POLICIES.pop("every_other")
+        POLICIES.unregister("every_other")
 
 
 def test_forecast_policy_skips_only_predictable_steps():

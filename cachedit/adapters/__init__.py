@@ -1,8 +1,9 @@
 """Model-family adapters: where a transformer's blocks are and what they take and return.
 
 An adapter is declared per transformer class name. Adding a model means declaring an
-adapter with `register_adapter` (and, for a block class diffusers does not describe, its
-`BlockIO` with `register_block_io`), never touching the core. A transformer with no declared
+adapter with `ADAPTERS.register(class_name, Adapter(...))` (and, for a block class diffusers does
+not describe, its `BlockIO` with `BLOCK_IO.register(...)`), never touching the core; a plugin does
+the same in `cachedit_register_models`. A transformer with no declared
 adapter gets a generic one: its `nn.ModuleList` attributes whose names end in "blocks" or
 "layers", in definition order.
 
@@ -19,6 +20,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+
+from .. import model_lookup
+from ..registry import Registry
 
 TRANSFORMER_COMPONENTS = ("transformer", "transformer_2")
 
@@ -106,19 +110,20 @@ def param_names(cls: type) -> list[str]:
     return _PARAM_NAMES[cls]
 
 
-_BLOCK_IO: dict[str, BlockIO] = {}
+def _check_block_io(name: str, io) -> None:
+    if not isinstance(io, BlockIO):
+        raise TypeError(f"block IO for {name!r} must be a cachedit.adapters.BlockIO, got {type(io).__name__}")
 
 
-def register_block_io(block_class_name: str, io: BlockIO) -> None:
-    """Declare how blocks of a class are called, where diffusers' own registry does not (or is wrong)."""
-    _BLOCK_IO[block_class_name] = io
+# How blocks of a class (by class name) are called, where diffusers' own registry does not say (or is wrong).
+BLOCK_IO: Registry[BlockIO] = Registry("block IO", check=_check_block_io, before_lookup=model_lookup.before_lookup)
 
 
 def block_io(block: nn.Module) -> BlockIO:
     """Our declaration, else diffusers' TransformerBlockRegistry, else the single-stream default."""
     name = type(block).__name__
-    if name in _BLOCK_IO:
-        return _BLOCK_IO[name]
+    if name in BLOCK_IO:
+        return BLOCK_IO.get(name)
     from .._diffusers_compat import block_metadata
 
     meta = block_metadata(type(block))
@@ -149,25 +154,30 @@ def modulated_input(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor
     return out[0] if isinstance(out, tuple) else out
 
 
-_ADAPTERS: dict[str, Adapter] = {}
+def _check_adapter(name: str, adapter) -> None:
+    if not isinstance(adapter, Adapter):
+        raise TypeError(f"the adapter for {name!r} must be a cachedit.adapters.Adapter, got {type(adapter).__name__}")
 
 
-def register_adapter(transformer_class_name: str, adapter: Adapter) -> None:
-    """Declare (or replace) the adapter for a transformer class, by class name."""
-    _ADAPTERS[transformer_class_name] = adapter
+# Transformer class name -> its Adapter.
+ADAPTERS: Registry[Adapter] = Registry("model adapter", check=_check_adapter, before_lookup=model_lookup.before_lookup)
+
+
+register_adapter = ADAPTERS.register  # the old spelling, kept for existing callers
 
 
 def adapter_for(transformer: nn.Module) -> Adapter:
+    """The declared adapter of the transformer's class, else the generic one."""
     name = type(transformer).__name__
-    if name in _ADAPTERS:
-        return _ADAPTERS[name]
+    if name in ADAPTERS:
+        return ADAPTERS.get(name)
     lists = tuple(
         attr for attr, child in transformer.named_children()
         if isinstance(child, nn.ModuleList) and len(child) and attr.endswith(("blocks", "layers"))
     )
     if not lists:
         raise ValueError(f"no adapter for transformer class {name!r} and no block lists found; declare one with "
-                         f"cachedit.adapters.register_adapter({name!r}, Adapter(...))")
+                         f"cachedit.adapters.ADAPTERS.register({name!r}, Adapter(...))")
     return Adapter(family=name, block_lists=lists)
 
 
@@ -189,7 +199,7 @@ for _cls, _adapter in {
     "SD3Transformer2DModel": Adapter("sd3", ("transformer_blocks",)),
     "ZImageTransformer2DModel": Adapter("zimage", ("layers",), text_arg=None),
 }.items():
-    register_adapter(_cls, _adapter)
+    ADAPTERS.register(_cls, _adapter)
 
 for _cls, _io in {
     "ChromaTransformerBlock": BlockIO("hidden_states", "encoder_hidden_states", 1, 0),
@@ -197,4 +207,4 @@ for _cls, _io in {
     "Lumina2TransformerBlock": BlockIO("hidden_states", None, 0, None),
     "ZImageTransformerBlock": BlockIO("x", None, 0, None),
 }.items():
-    register_block_io(_cls, _io)
+    BLOCK_IO.register(_cls, _io)

@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import inspect
 
-import numpy as np
 import torch
 
 from ..adapters import adapter_for, block_io, modulated_input
+from .policies import POLICIES, calibrated_policies, mag_ratios, teacache_coefficients  # noqa: F401 - re-exported
 from .runs import RunTracker
-
-
-def _relative_l1(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().mean() / a.float().abs().mean()).item()
 
 
 def record(pipe, runs: list[dict]) -> list[list[dict]]:
@@ -67,37 +63,10 @@ def record(pipe, runs: list[dict]) -> list[list[dict]]:
     return recorded
 
 
-def teacache_coefficients(recorded: list[list[dict]], degree: int = 4) -> list[float]:
-    """Fit output-residual change as a polynomial of modulated-input change, over consecutive steps."""
-    xs, ys = [], []
-    for steps in recorded:
-        for prev, cur in zip(steps, steps[1:]):
-            if prev["modulated"].shape != cur["modulated"].shape:
-                continue
-            xs.append(_relative_l1(prev["modulated"], cur["modulated"]))
-            ys.append(_relative_l1(prev["output"] - prev["input"], cur["output"] - cur["input"]))
-    if len(xs) <= degree:
-        raise ValueError(f"teacache calibration needs more than {degree} step pairs, recorded {len(xs)}")
-    return [float(c) for c in np.polyfit(xs, ys, degree)]
-
-
-def mag_ratios(recorded: list[list[dict]]) -> list[float]:
-    """Mean over tokens of |residual_t| / |residual_t-1|, averaged over runs; 1.0 for the first step."""
-    per_run = []
-    for steps in recorded:
-        residuals = [s["output"].float() - s["input"].float() for s in steps]
-        ratios = [1.0] + [(cur.norm(dim=-1) / (prev.norm(dim=-1) + 1e-8)).mean().item()
-                          for prev, cur in zip(residuals, residuals[1:])]
-        per_run.append(ratios)
-    length = min(len(r) for r in per_run)
-    return [float(np.mean([r[i] for r in per_run])) for i in range(length)]
-
-
 def calibrate(pipe, policy: str, runs: list[dict]) -> dict:
-    recorded = record(pipe, runs)
-    if policy == "teacache":
-        return {"coefficients": teacache_coefficients(recorded)}
-    if policy == "magcache":
-        return {"mag_ratios": mag_ratios(recorded)}
-    raise ValueError(f"calibrate: policy={policy!r} needs no calibration or is unknown; allowed values: "
-                     "'teacache', 'magcache'")
+    """`policy`'s options fitted from uncached `runs` (its `fit`); ValueError for a policy that needs none."""
+    allowed = calibrated_policies()
+    if policy not in allowed:
+        raise ValueError(f"calibrate: policy={policy!r} needs no calibration or is unknown; allowed values: "
+                         f"{', '.join(repr(p) for p in allowed)}")
+    return POLICIES.get(policy).fit(record(pipe, runs))

@@ -2,14 +2,22 @@
 
 A calibrator is a small class with `update(step, value)` (a computed step's true value) and
 `predict(step)` (the forecast for a skipped step). Steps are the denoising step indices, so
-uneven gaps between computed steps are handled exactly. Register a new one in `CALIBRATORS`.
+uneven gaps between computed steps are handled exactly. A class builds itself from the cache
+config (`create`); register a new one with `CALIBRATORS.register(name, cls)`. `calibrator=None` is
+the plain reuse of the base `Calibrator`, which is not registered.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
+
+from ..registry import Registry
+
+if TYPE_CHECKING:
+    from ..config import CacheConfig
 
 
 class Calibrator:
@@ -17,6 +25,11 @@ class Calibrator:
 
     def __init__(self) -> None:
         self.last: torch.Tensor | None = None
+
+    @classmethod
+    def create(cls, config: CacheConfig) -> Calibrator:
+        """One calibrator for `config` (the default takes nothing from it)."""
+        return cls()
 
     def update(self, step: int, value: torch.Tensor) -> None:
         self.last = value
@@ -29,13 +42,15 @@ class TaylorSeer(Calibrator):
     """Taylor expansion around the last computed step, derivatives by finite differences over
     the actual gaps between computed steps (TaylorSeer, arXiv 2503.06923)."""
 
-    takes_order = True  # built with CacheConfig.taylorseer_order
-
     def __init__(self, order: int = 1) -> None:
         super().__init__()
         self.order = order
         self.anchor: int | None = None
         self.derivatives: list[torch.Tensor] = []
+
+    @classmethod
+    def create(cls, config: CacheConfig) -> TaylorSeer:
+        return cls(config.taylorseer_order)
 
     def update(self, step: int, value: torch.Tensor) -> None:
         new = [value]
@@ -88,16 +103,21 @@ class FoCa(Calibrator):
         return corrected
 
 
-CALIBRATORS: dict[str | None, type[Calibrator]] = {None: Calibrator, "taylorseer": TaylorSeer, "foca": FoCa}
-
-
-def register_calibrator(name: str, cls: type[Calibrator]) -> None:
-    """Make `CacheConfig(calibrator=name)` use `cls` (a Calibrator subclass constructible with no arguments)."""
+def _check_calibrator(name: str, cls) -> None:
     if not (isinstance(cls, type) and issubclass(cls, Calibrator)):
-        raise TypeError(f"register_calibrator({name!r}, ...) needs a cachedit.cache.Calibrator subclass")
-    CALIBRATORS[name] = cls
+        raise TypeError(f"calibrator {name!r} must be a cachedit.cache.Calibrator subclass")
 
 
-def make_calibrator(name: str | None, order: int = 1) -> Calibrator:
-    cls = CALIBRATORS[name]
-    return cls(order) if getattr(cls, "takes_order", False) else cls()
+# Calibrator name (CacheConfig.calibrator) -> its class.
+CALIBRATORS: Registry[type[Calibrator]] = Registry("calibrator", check=_check_calibrator)
+CALIBRATORS.register("taylorseer", TaylorSeer)
+CALIBRATORS.register("foca", FoCa)
+
+register_calibrator = CALIBRATORS.register  # the old spelling, kept for existing callers
+
+
+def make_calibrator(config: CacheConfig | None) -> Calibrator:
+    """The calibrator `config.calibrator` names, built by its class from `config` (None: plain reuse)."""
+    if config is None or config.calibrator is None:
+        return Calibrator()
+    return CALIBRATORS.get(config.calibrator).create(config)

@@ -55,7 +55,7 @@ class StackCache:
         self.num_steps = num_steps
         self.reduce = reduce  # the statistic agreed over ranks: the reducer chain parallel plans add stages to
         state_cls = PerSampleState if config.per_sample else CallState
-        self.states = ContextStates(state_cls, (config.calibrator, config.taylorseer_order),
+        self.states = ContextStates(state_cls, (config,),
                                     per_context=lambda name: {"threshold": config.threshold_for(name)})
         self.policy = make_policy(config.policy, dict(config.policy_options))
         self.modulated_input: Callable | None = None  # set from the adapter when the policy needs it

@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import math
 
-# (fraction of steps computed at the start, fraction computed in all)
-POLICIES = {"slow": (8 / 28, 18 / 28), "medium": (6 / 28, 15 / 28), "fast": (6 / 28, 11 / 28),
+# Step-mask preset name -> (fraction of steps computed at the start, fraction computed in all).
+# Not to be confused with the cache policies (cachedit.cache.policies.POLICIES): these are only masks.
+MASK_FRACTIONS = {"slow": (8 / 28, 18 / 28), "medium": (6 / 28, 15 / 28), "fast": (6 / 28, 11 / 28),
             "ultra": (4 / 28, 8 / 28)}
 
 
 def steps_mask(policy: str, num_steps: int) -> tuple[int, ...]:
     """The mask of `policy` ("slow", "medium", "fast", "ultra") for `num_steps` steps."""
-    if policy not in POLICIES:
-        raise ValueError(f"steps mask policy {policy!r} is unknown; allowed values: {', '.join(POLICIES)}")
+    if policy not in MASK_FRACTIONS:
+        raise ValueError(f"steps mask policy {policy!r} is unknown; allowed values: {', '.join(MASK_FRACTIONS)}")
     if num_steps < 1:
         raise ValueError(f"num_steps={num_steps} is invalid; allowed values: an integer >= 1")
-    warm_frac, total_frac = POLICIES[policy]
+    warm_frac, total_frac = MASK_FRACTIONS[policy]
     warm = min(num_steps, max(1, math.ceil(warm_frac * num_steps)))
     total = min(num_steps, max(warm + 1, round(total_frac * num_steps)))
     mask = [1] * warm + [0] * (num_steps - warm)

@@ -34,15 +34,15 @@ from .state import CallState
 class PerSampleState(BaseState):
     """One context's per-call state in per-sample mode: a `CallState` per row of the batch."""
 
-    def __init__(self, calibrator: str | None = None, order: int = 1, threshold: float = 0.0) -> None:
-        self.calibrator, self.order, self.threshold = calibrator, order, threshold
+    def __init__(self, config=None, threshold: float = 0.0) -> None:
+        self.config, self.threshold = config, threshold
         self.samples: list[CallState] = []
         self.block0: tuple | None = None
         self.rows: list[int] = []  # this step's rows that compute the cacheable blocks
         self.index: torch.Tensor | None = None  # the same rows as a tensor (None: all of them)
 
     def reset(self) -> None:
-        self.__init__(self.calibrator, self.order, self.threshold)
+        self.__init__(self.config, self.threshold)
 
     def report(self) -> dict:
         """Per-sample reports, and the steps every sample cached (the steps whose blocks nobody ran)."""
@@ -120,7 +120,7 @@ def run_block(cache, index: int, forward, module, args, kwargs):
             raise TypeError(f"CacheConfig.per_sample=True needs the blocks' {io.hidden_arg!r} to be one batched "
                             f"tensor; {type(module).__name__} gets {type(hidden).__name__}")
         if len(pst.samples) != hidden.shape[0]:  # a new call, or the batch size changed: fresh rows
-            pst.samples = [CallState(pst.calibrator, pst.order, pst.threshold) for _ in range(hidden.shape[0])]
+            pst.samples = [CallState(pst.config, pst.threshold) for _ in range(hidden.shape[0])]
         for s, st in enumerate(pst.samples):
             cache.begin_step(st)
             st.hidden_in = hidden[s:s + 1]

@@ -5,7 +5,8 @@ limits (warmup, step masks, max cached / continuous steps) allowed a skip, and s
 the step. What stands in for skipped blocks is the same for all: their residual from the last
 computed step, or a calibrator's forecast of it. A policy keeps its memory in the per-context
 `CallState.memo` dict, so CFG branches and pipeline calls never share it. Adding a policy is one
-class and one `register_policy` call; nothing else changes.
+class and one `POLICIES.register(cls.name, cls)` call; nothing else changes. A policy whose options
+are fitted from uncached runs (TeaCache's polynomial, MagCache's ratios) says how in `fit`.
 
 - dbcache:   relative L1 change of the first Fn blocks' residual since the last computed step.
 - teacache:  relative L1 change of the first block's timestep-modulated input between consecutive
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from ..registry import Registry
 
 # TeaCache's published FLUX.1 rescaling polynomial (highest power first), from the TeaCache repository.
 TEACACHE_FLUX_COEFFICIENTS = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
@@ -78,6 +81,8 @@ class Policy:
     needs_modulated_input = False
     tune_thresholds: tuple[float, ...] = ()  # what `cachedit tune` tries; empty: not searched
     tune_Fn = 0  # the first blocks the tuner computes (1 where the signal is the first blocks' residual)
+    # fit(recorded) -> policy_options from uncached runs (cachedit.cache.calibrate); None: nothing to fit
+    fit = None
 
     @classmethod
     def tune_space(cls) -> list[dict]:
@@ -125,6 +130,36 @@ class DBCache(Policy):
         st.memo["fn_residual"] = probe.hidden - probe.hidden_in
 
 
+def _relative_l1(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().mean() / a.float().abs().mean()).item()
+
+
+def teacache_coefficients(recorded: list[list[dict]], degree: int = 4) -> list[float]:
+    """Fit output-residual change as a polynomial of modulated-input change, over consecutive steps."""
+    xs, ys = [], []
+    for steps in recorded:
+        for prev, cur in zip(steps, steps[1:]):
+            if prev["modulated"].shape != cur["modulated"].shape:
+                continue
+            xs.append(_relative_l1(prev["modulated"], cur["modulated"]))
+            ys.append(_relative_l1(prev["output"] - prev["input"], cur["output"] - cur["input"]))
+    if len(xs) <= degree:
+        raise ValueError(f"teacache calibration needs more than {degree} step pairs, recorded {len(xs)}")
+    return [float(c) for c in np.polyfit(xs, ys, degree)]
+
+
+def mag_ratios(recorded: list[list[dict]]) -> list[float]:
+    """Mean over tokens of |residual_t| / |residual_t-1|, averaged over runs; 1.0 for the first step."""
+    per_run = []
+    for steps in recorded:
+        residuals = [s["output"].float() - s["input"].float() for s in steps]
+        ratios = [1.0] + [(cur.norm(dim=-1) / (prev.norm(dim=-1) + 1e-8)).mean().item()
+                          for prev, cur in zip(residuals, residuals[1:])]
+        per_run.append(ratios)
+    length = min(len(r) for r in per_run)
+    return [float(np.mean([r[i] for r in per_run])) for i in range(length)]
+
+
 def _first_last(st) -> bool:
     return st.step == 0 or (st.num_steps is not None and st.step >= st.num_steps - 1)
 
@@ -136,6 +171,10 @@ class TeaCache(Policy):
 
     def __init__(self, coefficients=None) -> None:
         self.coefficients = None if coefficients is None else finite_numbers(self.name, "coefficients", coefficients)
+
+    @classmethod
+    def fit(cls, recorded: list[list[dict]]) -> dict:
+        return {"coefficients": teacache_coefficients(recorded)}
 
     def observe(self, cache, st, probe):
         signal = probe.modulated if probe.modulated is not None else probe.hidden_in
@@ -170,6 +209,10 @@ class MagCache(Policy):
         self.mag_ratios = np.asarray(finite_numbers(self.name, "mag_ratios", mag_ratios, positive=True))
         self.max_skip_steps = whole_number(self.name, "max_skip_steps", max_skip_steps, 1)
         self.retention_ratio = finite_number(self.name, "retention_ratio", retention_ratio, 0.0, 1.0)
+
+    @classmethod
+    def fit(cls, recorded: list[list[dict]]) -> dict:
+        return {"mag_ratios": mag_ratios(recorded)}
 
     def ratio(self, step: int, num_steps: int | None) -> float:
         """The calibrated ratio at `step`, interpolated when the step count differs from the calibration's."""
@@ -263,18 +306,28 @@ class Forecast(Policy):
         st.memo["spent"] = 0.0
 
 
-POLICIES: dict[str, type[Policy]] = {p.name: p for p in (DBCache, TeaCache, MagCache, EasyCache, Forecast)}
-
-
-def register_policy(cls: type[Policy]) -> None:
-    """Make `CacheConfig(policy=cls.name)` use `cls`."""
+def _check_policy(name: str, cls) -> None:
     if not (isinstance(cls, type) and issubclass(cls, Policy)) or cls.name in ("abstract", ""):
-        raise TypeError("register_policy needs a cachedit.cache.policies.Policy subclass with its own `name`")
-    POLICIES[cls.name] = cls
+        raise TypeError(f"cache policy {name!r} must be a cachedit.cache.policies.Policy subclass with its own `name`")
+
+
+# Policy name (CacheConfig.policy) -> its class.
+POLICIES: Registry[type[Policy]] = Registry("cache policy", check=_check_policy)
+for _cls in (DBCache, TeaCache, MagCache, EasyCache, Forecast):
+    POLICIES.register(_cls.name, _cls)
+
+
+def register_policy(cls: type[Policy]) -> None:  # the old spelling, kept for existing callers
+    POLICIES.register(cls.name, cls)
+
+
+def calibrated_policies() -> list[str]:
+    """The registered policies whose options are fitted from runs (`cachedit calibrate --policy`)."""
+    return [name for name, cls in POLICIES.items() if cls.fit is not None]
 
 
 def make_policy(name: str, options: dict) -> Policy:
     try:
-        return POLICIES[name](**options)
+        return POLICIES.get(name)(**options)
     except TypeError as exc:
         raise ValueError(f"CacheConfig.policy_options={options} do not fit policy {name!r}: {exc}") from None

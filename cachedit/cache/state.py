@@ -10,11 +10,15 @@ denoising run (see `dbcache.py`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from .._diffusers_compat import BaseState, StateManager, clear_states, context_states, current_context, new_state
 from .calibrators import Calibrator, make_calibrator
+
+if TYPE_CHECKING:
+    from ..config import CacheConfig
 
 DEFAULT_CONTEXT = "default"
 MAX_STATES = 8  # live states per block stack (a pipeline names two or three contexts)
@@ -24,8 +28,7 @@ MAX_STATES = 8  # live states per block stack (a pipeline names two or three con
 class CallState(BaseState):
     """Everything one context remembers during one pipeline call."""
 
-    calibrator: str | None = None
-    order: int = 1
+    config: CacheConfig | None = None  # what the calibrators are built from (None: plain reuse)
     threshold: float = 0.0  # this context's skip threshold (CacheConfig.threshold_for)
     step: int = -1
     num_steps: int | None = None
@@ -51,14 +54,14 @@ class CallState(BaseState):
     positions: dict = field(default_factory=dict)  # step -> the transformer's timestep at that step (tensor view)
 
     def __post_init__(self) -> None:
-        self.hidden_residual = make_calibrator(self.calibrator, self.order)
-        self.encoder_residual = make_calibrator(self.calibrator, self.order)
+        self.hidden_residual = make_calibrator(self.config)
+        self.encoder_residual = make_calibrator(self.config)
         for calibrator in (self.hidden_residual, self.encoder_residual):
             if getattr(calibrator, "clock", "step") == "timestep":  # distances between steps from the timesteps
                 calibrator.position_of = self.positions.get
 
     def reset(self) -> None:
-        self.__init__(self.calibrator, self.order, self.threshold)
+        self.__init__(self.config, self.threshold)
 
     def report(self) -> dict:
         return {"steps": self.step + 1, "cached_steps": list(self.cached_steps),

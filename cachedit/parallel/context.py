@@ -64,7 +64,7 @@ def check_context_parallel(transformers: dict[str, nn.Module], config: ParallelC
         if cp_plan_for(t) is None:
             raise ValueError(f"parallel: no context-parallel plan for pipe.{name} ({type(t).__name__}); "
                              f"supported: {', '.join(supported_classes())} (add one with "
-                             f"cachedit.parallel.plans.register_cp_plan)")
+                             f"cachedit.parallel.plans.CP_PLANS.register)")
         heads = num_heads(t)
         if heads is not None and heads // config.tensor < config.ulysses:  # Ulysses splits a rank's heads
             raise ValueError(f"ParallelConfig.ulysses={config.ulysses} exceeds the {heads} attention heads of "

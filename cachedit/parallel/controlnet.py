@@ -33,7 +33,7 @@ from ..attention import AttentionRouter
 from ..routing import route, unroute
 from .context import apply_context_parallel, check_context_parallel, cp_mode, remove_context_parallel
 from .metering import MeteredCommunicator
-from .plans import CPPlan, ContextParallelInput, register_cp_plan
+from .plans import CP_PLANS, CPPlan, ContextParallelInput
 from .tensor import apply_tensor_parallel, check_module, remove_tensor_parallel
 from .tp_plans import tp_plan_for
 from .ulysses import split_sizes
@@ -50,7 +50,7 @@ def _flux_controlnet_plan(controlnet: nn.Module) -> CPPlan:
                           "img_ids": ids, "txt_ids": ids})),))
 
 
-register_cp_plan("FluxControlNetModel", _flux_controlnet_plan)
+CP_PLANS.register("FluxControlNetModel", _flux_controlnet_plan)
 
 
 def _nets(controlnet: nn.Module) -> list[nn.Module]:

@@ -10,7 +10,8 @@ ContextParallelOutput (or a list, one per output) gathered on the way out.
 What `_cp_plan` does not say is which attention modules see keys and values that are *not*
 sequence-sharded (Wan's cross-attention reads the whole prompt on every rank): those run locally,
 with no exchange. That, and plans for models diffusers has none for, is declared here per class,
-so a family is supported only where someone checked it: `register_cp_plan(class_name, build)`.
+so a family is supported only where someone checked it: `CP_PLANS.register(class_name, build)`
+(a plugin: in `cachedit_register_models`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from typing import Any, Callable
 import torch.nn as nn
 from .._diffusers_compat import ContextParallelInput, ContextParallelOutput, cp_plan
 
-__all__ = ["CPPlan", "ContextParallelInput", "ContextParallelOutput", "cp_plan_for", "register_cp_plan",
-           "supported_classes"]
+from .. import model_lookup
+from ..registry import Registry
+
+__all__ = ["CPPlan", "CP_PLANS", "ContextParallelInput", "ContextParallelOutput", "cp_plan_for", "supported_classes"]
 
 
 @dataclass(frozen=True)
@@ -32,21 +35,26 @@ class CPPlan:
     source: str = "cachedit"
 
 
-_BUILDERS: dict[str, Callable[[nn.Module], CPPlan]] = {}
+CPPlanBuilder = Callable[[nn.Module], CPPlan]
 
 
-def register_cp_plan(class_name: str, build: Callable[[nn.Module], CPPlan]) -> None:
-    """Declare (or replace) how transformers of class `class_name` are split for context parallelism."""
-    _BUILDERS[class_name] = build
+def _check_builder(name: str, build) -> None:
+    if not callable(build):
+        raise TypeError(f"the context-parallel plan for {name!r} must be a function of the module returning a CPPlan")
+
+
+# Module class name -> how modules of that class are split for context parallelism.
+CP_PLANS: Registry[CPPlanBuilder] = Registry("context-parallel plan", check=_check_builder,
+                                             before_lookup=model_lookup.before_lookup)
 
 
 def supported_classes() -> list[str]:
-    return sorted(_BUILDERS)
+    return sorted(CP_PLANS.names())
 
 
 def cp_plan_for(transformer: nn.Module) -> CPPlan | None:
-    build = _BUILDERS.get(type(transformer).__name__)
-    return build(transformer) if build is not None else None
+    name = type(transformer).__name__
+    return CP_PLANS.get(name)(transformer) if name in CP_PLANS else None
 
 
 def diffusers_plan(local_attention: tuple[str, ...] = ()) -> Callable[[nn.Module], CPPlan]:
@@ -88,7 +96,7 @@ for _name, _build in {
     "WanTransformer3DModel": diffusers_plan(local_attention=("blocks.*.attn2",)),
     "ZImageTransformer2DModel": _zimage,
 }.items():
-    register_cp_plan(_name, _build)
+    CP_PLANS.register(_name, _build)
 
 
 def resolve(root: nn.Module, path: str) -> list[nn.Module]:

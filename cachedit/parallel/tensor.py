@@ -128,7 +128,7 @@ def check_module(module: nn.Module, degree: int, where: str, setting: str) -> TP
     if plan is None:
         raise ValueError(f"{setting}: no tensor-parallel plan for {where} ({type(module).__name__}); supported: "
                          f"{', '.join(supported_tp_classes())} (add one with "
-                         f"cachedit.parallel.tp_plans.register_tp_plan)")
+                         f"cachedit.parallel.tp_plans.TP_PLANS.register)")
     for i, heads in enumerate(plan.head_counts):
         if heads % degree:
             kind = "key/value heads" if i else "attention heads"

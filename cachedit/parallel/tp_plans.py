@@ -17,7 +17,8 @@ plus two styles of our own for what diffusers' plans leave replicated,
 `reduce` names the modules at whose output the row-split partial sums are all-reduced (one
 all-reduce per module call, over every tensor it returns), and `heads` the attention modules whose
 `heads` attribute must become the local head count (processors that unflatten with it).
-A family is supported only where someone checked its model code: `register_tp_plan(class, build)`.
+A family is supported only where someone checked its model code: `TP_PLANS.register(class, build)`
+(a plugin: in `cachedit_register_models`).
 Text encoders (transformers classes) are planned the same way, see the bottom of this module.
 """
 
@@ -29,7 +30,10 @@ from typing import Any, Callable
 import torch.nn as nn
 from .._diffusers_compat import PackedColwiseParallel, PackedRowwiseParallel, tp_plan
 
-__all__ = ["PackedColwiseParallel", "PackedRowwiseParallel", "TPPlan", "register_tp_plan", "supported_tp_classes",
+from .. import model_lookup
+from ..registry import Registry
+
+__all__ = ["PackedColwiseParallel", "PackedRowwiseParallel", "TPPlan", "TP_PLANS", "supported_tp_classes",
            "tp_plan_for"]
 
 STYLES = ("colwise", "rowwise", "colwise_gather", "sharded_rmsnorm")
@@ -54,21 +58,26 @@ class TPPlan:
         return [(h, "heads") if isinstance(h, str) else h for h in self.heads]
 
 
-_BUILDERS: dict[str, Callable[[nn.Module], TPPlan]] = {}
+TPPlanBuilder = Callable[[nn.Module], TPPlan]
 
 
-def register_tp_plan(class_name: str, build: Callable[[nn.Module], TPPlan]) -> None:
-    """Declare (or replace) how modules of class `class_name` are sharded for tensor parallelism."""
-    _BUILDERS[class_name] = build
+def _check_builder(name: str, build) -> None:
+    if not callable(build):
+        raise TypeError(f"the tensor-parallel plan for {name!r} must be a function of the module returning a TPPlan")
+
+
+# Module class name -> how modules of that class are sharded for tensor parallelism.
+TP_PLANS: Registry[TPPlanBuilder] = Registry("tensor-parallel plan", check=_check_builder,
+                                             before_lookup=model_lookup.before_lookup)
 
 
 def supported_tp_classes() -> list[str]:
-    return sorted(_BUILDERS)
+    return sorted(TP_PLANS.names())
 
 
 def tp_plan_for(module: nn.Module) -> TPPlan | None:
-    build = _BUILDERS.get(type(module).__name__)
-    return build(module) if build is not None else None
+    name = type(module).__name__
+    return TP_PLANS.get(name)(module) if name in TP_PLANS else None
 
 
 def _config(module: nn.Module, *keys: str):
@@ -169,7 +178,7 @@ for _name, _build in {
     "WanTransformer3DModel": _wan,
     "ZImageTransformer2DModel": _zimage,
 }.items():
-    register_tp_plan(_name, _build)
+    TP_PLANS.register(_name, _build)
 
 
 # -- transformers text encoders ----------------------------------------------------------------
@@ -224,4 +233,4 @@ for _name, _build in {
     "Qwen2Model": _decoder(""),
     "Qwen3Model": _decoder(""),
 }.items():
-    register_tp_plan(_name, _build)
+    TP_PLANS.register(_name, _build)

@@ -3,18 +3,18 @@ HiCache's scaled-Hermite basis, FreqCa's frequency split, and the fixed-interval
 registered here under its name, so `CacheConfig(calibrator=..., policy=...)` and every sweep over
 the registries find it."""
 
-from ..calibrators import register_calibrator
-from ..policies import register_policy
+from ..calibrators import CALIBRATORS
+from ..policies import POLICIES
 from .frequency import FreqCa, FreqCaLow
 from .hermite import HiCache
 from .interval import Interval
 from .taylor import TimedTaylor, TimedTaylorSeer
 
-register_calibrator("taylor_t", TimedTaylor)
-register_calibrator("taylorseer_t", TimedTaylorSeer)
-register_calibrator("hicache", HiCache)
-register_calibrator("freqca", FreqCa)
-register_calibrator("freqca_low", FreqCaLow)
-register_policy(Interval)
+CALIBRATORS.register("taylor_t", TimedTaylor)
+CALIBRATORS.register("taylorseer_t", TimedTaylorSeer)
+CALIBRATORS.register("hicache", HiCache)
+CALIBRATORS.register("freqca", FreqCa)
+CALIBRATORS.register("freqca_low", FreqCaLow)
+POLICIES.register(Interval.name, Interval)
 
 __all__ = ["FreqCa", "FreqCaLow", "HiCache", "Interval", "TimedTaylor", "TimedTaylorSeer"]

@@ -40,7 +40,6 @@ class TimedTaylor(Calibrator):
     which estimates the k-th derivative / k!."""
 
     clock = "timestep"  # state.py hands it `position_of(step)`: the recorded timestep of a step
-    takes_order = True
     newton = True  # False: TaylorSeer's scheme (TimedTaylorSeer)
 
     def __init__(self, order: int = 1, guard: bool = True, term_ratio: float = 4.0, change_factor: float = 2.0):
@@ -57,6 +56,10 @@ class TimedTaylor(Calibrator):
         self.derivatives: list[torch.Tensor] = []
         self.nodes: list = []  # positions of the computed steps the differences span, latest first
         self.used_order = None  # the order the last forecast used (a tensor once guarded): for reports and tests
+
+    @classmethod
+    def create(cls, config) -> TimedTaylor:
+        return cls(config.taylorseer_order)
 
     def position(self, step: int):
         at = self.position_of(step) if self.position_of is not None else None
