@@ -23,27 +23,11 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_out"]  # colwise, rowwise a
 OPS = [("set_adapters 0.5", "set"), ("fuse_lora", "fuse"), ("unfuse_lora", "unfuse"), ("unload", "unload")]
 
 
-def _make_lora(path, seed=0, **lora):
-    from diffusers import FluxPipeline
-    from peft import LoraConfig, get_peft_model_state_dict
-
-    src = tiny_pipeline("flux")
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        src.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS, init_lora_weights=False,
-                                               **lora))
-    FluxPipeline.save_lora_weights(path, transformer_lora_layers=get_peft_model_state_dict(src.transformer))
-    return path
-
-
 @pytest.fixture(scope="module")
-def lora_dir(tmp_path_factory):
-    return _make_lora(tmp_path_factory.mktemp("lora"))
-
-
-@pytest.fixture(scope="module")
-def other_lora_dir(tmp_path_factory):
-    return _make_lora(tmp_path_factory.mktemp("lora_b"), seed=1)
+def lora_paths(tmp_path_factory, make_flux_lora):
+    """Two LoRAs (seeds 0 and 1) on colwise, rowwise and packed rowwise linears, and a DoRA one."""
+    return tuple(str(make_flux_lora(tmp_path_factory.mktemp(f"lora{i}"), TARGETS, seed=i, **lora))
+                 for i, lora in enumerate([{}, {}, dict(use_dora=True)]))
 
 
 def _run(pipe):
@@ -117,17 +101,17 @@ def _rank(rank, world, paths, dora_path):
     return out
 
 
-def test_lora_under_tensor_parallel_matches_one_process(lora_dir, other_lora_dir, tmp_path):
+def test_lora_under_tensor_parallel_matches_one_process(lora_paths):
     from cachedit.testing.distributed import run_distributed
 
-    paths = (str(lora_dir), str(other_lora_dir))
+    paths, dora = lora_paths[:2], lora_paths[2]
     expected = {when: _sequence(tiny_pipeline("flux"), paths, when) for when in CASES}
     assert not torch.equal(expected["before"]["loaded"], expected["before"]["set_adapters 0.5"]), "the weight acts"
     two = expected["one before, one after"]
     assert not torch.equal(two["loaded"], expected["before"]["loaded"]), "b acts, alone"
     assert not torch.equal(two["set_adapters a 0.5 b 0.8"], two["loaded"]), "then both"
     plain = _run(tiny_pipeline("flux"))
-    ranks = run_distributed(_rank, 2, args=(paths, str(_make_lora(tmp_path, use_dora=True))))
+    ranks = run_distributed(_rank, 2, args=(paths, dora))
     full = tiny_pipeline("flux").transformer.transformer_blocks[0].attn.to_q.weight.shape
     for r in ranks:
         for when in CASES:
@@ -142,11 +126,11 @@ def test_lora_under_tensor_parallel_matches_one_process(lora_dir, other_lora_dir
         assert (r["plain"] - plain).abs().max().item() <= ATOL
 
 
-def test_lora_that_cannot_be_sharded_is_refused_before_anything_changes(tmp_path):
+def test_lora_that_cannot_be_sharded_is_refused_before_anything_changes(lora_paths):
     """DoRA normalises whole weight rows: refused by the model checks, which run before the process
     group check, so one process sees the error."""
     pipe = tiny_pipeline("flux")
-    pipe.load_lora_weights(_make_lora(tmp_path, use_dora=True), adapter_name="d")
+    pipe.load_lora_weights(lora_paths[2], adapter_name="d")
     before = {n: p.clone() for n, p in pipe.transformer.named_parameters()}
     with pytest.raises(ValueError, match=r"ParallelConfig.tensor=2: .*to_q has a DoRA adapter"):
         cachedit.accelerate(pipe, device="cpu_ref", parallel=dict(tensor=2))
