@@ -46,3 +46,35 @@ def fresh_plugins():
     """The process-wide plugin manager, reloaded before and after the test."""
     yield cachedit.plugins.reload()
     cachedit.plugins.reload()
+
+
+QKV = ("to_q", "to_k", "to_v")
+
+
+def save_flux_lora(path: Path, target_modules=QKV, seed: int = 0, **lora) -> Path:
+    """A LoRA on the tiny FLUX transformer's `target_modules` (random A and B from `seed`), made with peft
+    and saved into `path` as diffusers saves LoRAs; `lora`: more LoraConfig fields (e.g. use_dora)."""
+    from diffusers import FluxPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from cachedit.testing.tiny import tiny_pipeline
+
+    src = tiny_pipeline("flux")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        src.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(target_modules),
+                                               init_lora_weights=False, **lora))
+    FluxPipeline.save_lora_weights(path, transformer_lora_layers=get_peft_model_state_dict(src.transformer))
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_flux_lora():
+    """`save_flux_lora`, for tests that need other targets or settings."""
+    return save_flux_lora
+
+
+@pytest.fixture(scope="session")
+def lora_dir(tmp_path_factory):
+    """A LoRA on the tiny FLUX transformer's q/k/v (seed 0), saved once per session."""
+    return save_flux_lora(tmp_path_factory.mktemp("lora"))

@@ -19,21 +19,6 @@ SKIPS = dict(Fn=1, Bn=0, residual_diff_threshold=100.0, warmup_steps=2)  # rando
 STEPS = 6
 
 
-@pytest.fixture(scope="module")
-def lora_dir(tmp_path_factory):
-    from diffusers import FluxPipeline
-    from peft import LoraConfig, get_peft_model_state_dict
-
-    path = tmp_path_factory.mktemp("lora")
-    src = tiny_pipeline("flux")
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        src.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"],
-                                               init_lora_weights=False))
-    FluxPipeline.save_lora_weights(path, transformer_lora_layers=get_peft_model_state_dict(src.transformer))
-    return path
-
-
 def _kwargs(**extra):
     kwargs = tiny_call_kwargs("flux", num_inference_steps=STEPS)
     kwargs.pop("negative_prompt"), kwargs.pop("true_cfg_scale")  # one transformer call per step

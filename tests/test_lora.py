@@ -16,22 +16,6 @@ NEVER_SKIP = dict(Fn=1, Bn=0, residual_diff_threshold=0, warmup_steps=0)
 SKIPS = dict(Fn=1, Bn=0, residual_diff_threshold=100.0, warmup_steps=2)  # random weights: caches every step allowed
 
 
-@pytest.fixture(scope="module")
-def lora_dir(tmp_path_factory):
-    """A LoRA on the tiny FLUX transformer's q/k/v, made with peft and saved as diffusers saves LoRAs."""
-    from diffusers import FluxPipeline
-    from peft import LoraConfig, get_peft_model_state_dict
-
-    path = tmp_path_factory.mktemp("lora")
-    src = tiny_pipeline("flux")
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        src.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"],
-                                               init_lora_weights=False))
-    FluxPipeline.save_lora_weights(path, transformer_lora_layers=get_peft_model_state_dict(src.transformer))
-    return path
-
-
 def _run(pipe):
     return pipe(prompt="a photo of a cat", **tiny_call_kwargs("flux", num_inference_steps=5))[0]
 

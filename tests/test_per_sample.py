@@ -1,6 +1,6 @@
 """Per-sample cache decisions (`CacheConfig(per_sample=True)`): a batch of different prompts gives the
 images each prompt gives alone, on the tiny FLUX pipeline (random weights), the trained reference model,
-batched CFG (SD3) and on 2 gloo ranks; batch-level decisions (the default) do not, where the samples'
+batched CFG (SD3), on 2 gloo ranks and on 4 (CFG parallelism x Ulysses); batch-level decisions (the default) do not, where the samples'
 decisions differ.
 
 Tolerance: the plain, never-accelerated pipeline itself gives a batch within ~1e-6 of its single runs
@@ -169,3 +169,42 @@ def test_per_sample_on_two_ranks():
     for r in ranks:
         for job, got, want in zip(JOBS, r, expected):
             assert (got["image"] - want).abs().max().item() <= ATOL, job
+
+
+# ---------------------------------------------------------------------------------------------
+# 4 gloo ranks, one spawn: CFG parallelism x Ulysses (FLUX true CFG, two calls a step: each cfg
+# half runs one branch's batch of 3, its 2 Ulysses ranks averaging each row's statistic).
+# ---------------------------------------------------------------------------------------------
+
+CFG_ULYSSES_STEPS = 6  # enough for the prompts' uncond rows to decide differently
+
+
+def _cfg_ulysses_rank(rank, world):
+    import cachedit as cd
+    from cachedit.testing.tiny import tiny_pipeline as tp
+
+    pipe = tp("flux")
+    cd.accelerate(pipe, device="cpu_ref", attention="torch_sdpa", parallel=dict(cfg=2, ulysses=2),
+                  cache=dict(TINY_CACHE, per_sample=True))
+    image = pipe(prompt=PROMPTS, **_kwargs("flux", range(3), steps=CFG_ULYSSES_STEPS))[0]
+    contexts = cd.summary(pipe)["cache"]["transformer"]["stacks"][0]["contexts"]
+    return {"image": image, "decisions": {n: [s["cached_steps"] for s in r["samples"]] for n, r in contexts.items()}}
+
+
+def test_per_sample_under_cfg_parallel_and_ulysses_equals_single_runs():
+    from cachedit.testing.distributed import run_distributed
+
+    pipe = tiny_pipeline("flux")
+    cachedit.accelerate(pipe, device="cpu_ref", cache=dict(TINY_CACHE, per_sample=True))
+    singles, decisions = [], {}
+    for i, prompt in enumerate(PROMPTS):
+        singles.append(pipe(prompt=prompt, **_kwargs("flux", [i], steps=CFG_ULYSSES_STEPS))[0])
+        for name, report in _contexts(pipe).items():
+            decisions.setdefault(name, []).append(report["cached_steps"])
+    assert len({str(d) for d in decisions["uncond"]}) > 1, "the prompts must decide differently"
+    ranks = run_distributed(_cfg_ulysses_rank, 4)
+    for r in ranks:
+        ((branch, rows),) = r["decisions"].items()  # each cfg half holds one branch's states
+        assert rows == decisions[branch], branch
+        assert (r["image"] - torch.cat(singles)).abs().max().item() <= ATOL
+    assert {next(iter(r["decisions"])) for r in ranks} == {"cond", "uncond"}

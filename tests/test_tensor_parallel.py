@@ -286,7 +286,7 @@ def test_disable_restores_bitwise():
         got = next(r for r, j in zip(res, JOBS[2]) if j["kind"] == "disable")
         assert got["bitwise"] and got["same_params"] and got["heads"] and got["restored"]
         assert got["sharded"] > 0
-        assert got["tp_hooks"] == ["cachedit.tp.gather", "cachedit.tp.reduce"]
+        assert got["tp_hooks"] == ["cachedit.tp.gather", "cachedit.tp.placement", "cachedit.tp.reduce"]
 
 
 @pytest.mark.parametrize("world", [2, 4])

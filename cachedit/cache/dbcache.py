@@ -149,16 +149,22 @@ class StackCache:
         self.states.set_context(context)
 
     # -- the block call ------------------------------------------------------------------------
-    def decide(self, st: CallState, hidden: torch.Tensor, encoder: torch.Tensor | None) -> Probe:
-        """At the first cacheable block's entry: skip the cacheable blocks this step, or not."""
-        modulated = None
+    def modulated(self, block0: tuple) -> torch.Tensor | None:
+        """The first block's modulated input (from its (module, args, kwargs)), where the policy reads it."""
         if self.policy.needs_modulated_input and self.modulated_input is not None:
-            modulated = self.modulated_input(*st.block0)
+            return self.modulated_input(*block0)
+        return None
+
+    def decide(self, st: CallState, hidden: torch.Tensor, encoder: torch.Tensor | None,
+               modulated: torch.Tensor | None, view=None) -> Probe:
+        """At the first cacheable block's entry: skip the cacheable blocks this step, or not. `view`:
+        the cache as the policy sees it (default this one; per-sample mode passes one row's view)."""
+        view = self if view is None else view
         probe = Probe(st.hidden_in, hidden, modulated)
-        self.policy.observe(self, st, probe)
-        verdict = self.allowed(st)
+        self.policy.observe(view, st, probe)
+        verdict = view.allowed(st)
         if verdict is None:
-            verdict = self.policy.skip(self, st, probe)
+            verdict = self.policy.skip(view, st, probe)
         if verdict and self._fits(st, hidden, encoder):
             st.skipping = True
             self.record_cached(st)
@@ -177,7 +183,7 @@ class StackCache:
         middle = self.first_middle <= index <= self.last_middle
         if index == self.first_middle and middle:
             st.middle_in = self.io.inputs(module, args, kwargs)
-            st.probe = self.decide(st, *st.middle_in)
+            st.probe = self.decide(st, *st.middle_in, self.modulated(st.block0))
         if middle and st.skipping:
             hidden, encoder = self.io.inputs(module, args, kwargs)
             if index == self.last_middle:

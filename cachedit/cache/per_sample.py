@@ -27,7 +27,6 @@ from __future__ import annotations
 import torch
 
 from .._diffusers_compat import BaseState
-from .policies import Probe
 from .state import CallState
 
 
@@ -96,20 +95,6 @@ def _rows(t: torch.Tensor | None, s: int) -> torch.Tensor | None:
     return t[s:s + 1] if t is not None and t.dim() > 0 and t.shape[0] > s else t
 
 
-def _decide(view: SampleView, st: CallState, hidden, encoder, modulated) -> Probe:
-    """StackCache.decide for one row."""
-    cache = view.cache
-    probe = Probe(st.hidden_in, hidden, modulated)
-    cache.policy.observe(view, st, probe)
-    verdict = view.allowed(st)
-    if verdict is None:
-        verdict = cache.policy.skip(view, st, probe)
-    if verdict and cache._fits(st, hidden, encoder):
-        st.skipping = True
-        cache.record_cached(st)
-    return probe
-
-
 def run_block(cache, index: int, forward, module, args, kwargs):
     """StackCache.run_block in per-sample mode (see the module docstring)."""
     pst: PerSampleState = cache.states.get_state()
@@ -130,13 +115,11 @@ def run_block(cache, index: int, forward, module, args, kwargs):
     middle = cache.first_middle <= index <= cache.last_middle
     if index == cache.first_middle and middle:
         hidden, encoder = io.inputs(module, args, kwargs)
-        modulated = None
-        if cache.policy.needs_modulated_input and cache.modulated_input is not None:
-            modulated = cache.modulated_input(*pst.block0)
+        modulated = cache.modulated(pst.block0)
         view = SampleView(cache)
         for s, st in enumerate(pst.samples):
             st.middle_in = (hidden[s:s + 1], _rows(encoder, s))
-            st.probe = _decide(view, st, *st.middle_in, _rows(modulated, s))
+            st.probe = cache.decide(st, *st.middle_in, _rows(modulated, s), view=view)
         pst.rows = [s for s, st in enumerate(pst.samples) if not st.skipping]
         pst.index = None if len(pst.rows) == batch else torch.tensor(pst.rows, dtype=torch.long, device=hidden.device)
     if not middle or pst.index is None:  # every row computes: the block's own call on the whole batch

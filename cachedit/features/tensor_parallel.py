@@ -1,9 +1,10 @@
 """Tensor parallelism (`parallel/tensor.py`) of the transformers (`ParallelConfig.tensor`) and of the text
 encoders (`ParallelConfig.text_encoder`, over every rank). After the router: the all-reduces run outside
-attention routing."""
+attention routing. While applied, `pipe.load_lora_weights` loads into the sharded models (`tp_load.py`)."""
 
 from __future__ import annotations
 
+from ..parallel import tp_load
 from ..parallel.metering import MeteredCommunicator
 from ..parallel.tensor import apply_tensor_parallel, check_tensor_parallel, remove_tensor_parallel, text_encoders_of
 from ..parallel.tp_plans import tp_plan_for
@@ -35,6 +36,7 @@ class TensorParallel(Feature):
                 comm = MeteredCommunicator(ctx.communicator(groups[name]))
                 tp = record.parts[name] = apply_tensor_parallel(module, tp_plan_for(module), comm)
                 record.undo.append(lambda tp=tp: remove_tensor_parallel(tp))
+            record.undo.append(tp_load.install(ctx.pipe, record.parts))  # LoRA loaded after: re-sharded
         return record
 
     def idle(self, ctx: Context) -> dict:

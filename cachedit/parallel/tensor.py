@@ -32,6 +32,7 @@ communicator over the tensor group, metered (`stats()`).
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -39,10 +40,11 @@ import torch.nn as nn
 from diffusers.hooks import ModelHook
 
 from .. import hooks
+from .._diffusers_compat import hook_registry
 from ..config import ParallelConfig
 from .mesh import check_world
 from .metering import MeteredCommunicator
-from .tp_lora import PlacementHook, check_lora, is_peft_layer, lora_parts
+from .tp_lora import PlacementHook, check_lora, is_peft_layer, lora_parts, move_hooks
 from .tp_plans import PackedColwiseParallel, PackedRowwiseParallel, STYLES, TPPlan, supported_tp_classes, tp_plan_for
 from .ulysses import split_sizes
 
@@ -65,6 +67,11 @@ def _matches(module: nn.Module, patterns) -> list[tuple[str, nn.Module, object]]
                 found.append((name, sub, value))
                 break
     return found
+
+
+def planned_style(plan: TPPlan, path: str):
+    """The style `plan` gives the module at `path` (the first pattern that fits, as `_matches`), or None."""
+    return next((style for pattern, style in plan.linears if _pattern(pattern).match(path)), None)
 
 
 @dataclass(frozen=True)
@@ -255,13 +262,15 @@ class TensorParallel:
         self.comm.reset()
 
 
-def _replace_param(tp: TensorParallel, module: nn.Module, name: str, new: torch.Tensor | None) -> None:
+def _replace_param(tp: TensorParallel, module: nn.Module, name: str, new: torch.Tensor | None,
+                   device: torch.device | None = None) -> None:
+    """`new` (on `device`, default: the old parameter's) in place of `module.name`; the old one waits on the host."""
     old = getattr(module, name)
-    device = old.device
-    if device.type not in ("cpu", "meta"):  # the original waits on the host for disable()
+    device = old.device if device is None else device
+    if old.device.type not in ("cpu", "meta"):  # the original waits on the host for disable()
         old.data = old.data.to("cpu")
     tp.params.append((module, name, old, device))
-    setattr(module, name, None if new is None else nn.Parameter(new, requires_grad=old.requires_grad))
+    setattr(module, name, None if new is None else nn.Parameter(new.to(device), requires_grad=old.requires_grad))
 
 
 def _set_attr(tp: TensorParallel, obj, name: str, value) -> None:
@@ -284,16 +293,16 @@ def _parts(sub: nn.Module, style, name: str, setting: str) -> list[tuple[nn.Modu
     return lora_parts(sub, style, _splits(sub.base_layer, style, name))
 
 
-def _shard(tp: TensorParallel, sub: nn.Module, splits: dict, degree: int, rank: int) -> None:
+def _shard(tp: TensorParallel, sub: nn.Module, splits: dict, degree: int, rank: int, device=None) -> None:
     for pname, split in splits.items():
         param = getattr(sub, pname, None)
         if param is None:
             continue
         if split is None:  # a row-split bias: added once, by the first rank only
             if rank != 0:
-                _replace_param(tp, sub, pname, None)
+                _replace_param(tp, sub, pname, None, device)
         else:
-            _replace_param(tp, sub, pname, split.local(param.detach(), degree, rank))
+            _replace_param(tp, sub, pname, split.local(param.detach(), degree, rank), device)
     if isinstance(sub, nn.Linear):
         _set_attr(tp, sub, "out_features", sub.weight.shape[0])
         _set_attr(tp, sub, "in_features", sub.weight.shape[1])
@@ -301,20 +310,34 @@ def _shard(tp: TensorParallel, sub: nn.Module, splits: dict, degree: int, rank: 
         _set_attr(tp, sub, "embedding_dim", sub.weight.shape[1])
 
 
+def _shard_all(tp: TensorParallel, device=None) -> list[tuple[nn.Module, object, dict]]:
+    """Cut every planned linear (with the LoRA layers on it) and set the local head counts; returns
+    (linear, style, its splits) per planned linear. `device`: where the shards go (default: where the
+    weights are)."""
+    degree, rank = tp.comm.world_size, tp.comm.rank
+    planned = []
+    for name, sub, style in _matches(tp.module, tp.plan.linears):
+        parts = _parts(sub, style, name, "ParallelConfig.tensor")
+        for part, splits in parts:
+            _shard(tp, part, splits, degree, rank, device)
+        if is_peft_layer(sub):  # the wrapper's own record of its base layer's shape
+            _set_attr(tp, sub, "out_features", sub.base_layer.out_features)
+            _set_attr(tp, sub, "in_features", sub.base_layer.in_features)
+            if device is not None:  # adapters loaded on the host (`reshard`): A or B whole, not cut above
+                sub.to(device)
+        planned.append((sub, style, parts[0][1]))
+    for _, sub, attr in _matches(tp.module, tp.plan.head_attrs()):
+        _set_attr(tp, sub, attr, getattr(sub, attr) // degree)
+    return planned
+
+
 def apply_tensor_parallel(module: nn.Module, plan: TPPlan, comm: MeteredCommunicator) -> TensorParallel:
     """Shard `module` over `comm`'s ranks by `plan` (validated by `check_module` first)."""
-    degree, rank = comm.world_size, comm.rank
+    degree = comm.world_size
     tp = TensorParallel(module, plan, comm, per_call={"all_reduce": 0, "all_gather": 0})
     try:
         with torch.no_grad():
-            for name, sub, style in _matches(module, plan.linears):
-                parts = _parts(sub, style, name, "ParallelConfig.tensor")
-                for part, splits in parts:
-                    _shard(tp, part, splits, degree, rank)
-                if is_peft_layer(sub):  # the wrapper's own record of its base layer's shape
-                    _set_attr(tp, sub, "out_features", sub.base_layer.out_features)
-                    _set_attr(tp, sub, "in_features", sub.base_layer.in_features)
-                splits = parts[0][1]
+            for sub, style, splits in _shard_all(tp):
                 if style == "colwise_gather":
                     _attach(tp, sub, ColumnGatherHook(comm, splits["weight"].sizes(degree)), "gather")
                     tp.per_call["all_gather"] += 1
@@ -322,33 +345,64 @@ def apply_tensor_parallel(module: nn.Module, plan: TPPlan, comm: MeteredCommunic
                     width = tuple(getattr(sub, "normalized_shape", None) or sub.dim)[-1]  # torch's / diffusers'
                     _attach(tp, sub, ShardedRMSNormHook(comm, width), "norm")
                     tp.per_call["all_reduce"] += 1
-            for _, sub, attr in _matches(module, plan.head_attrs()):
-                _set_attr(tp, sub, attr, getattr(sub, attr) // degree)
             for _, sub, outputs in _matches(module, plan.reduce_points()):
                 _attach(tp, sub, ReduceHook(comm, outputs), "reduce")
                 tp.per_call["all_reduce"] += 1
-            if any(is_peft_layer(m) for m, _ in tp.attached):
-                _attach(tp, module, PlacementHook(tp), "placement")
+            # Always, so that a LoRA loaded (`reshard`) and unloaded after accelerate finds it in its place.
+            _attach(tp, module, PlacementHook(tp), "placement")
     except BaseException:
         remove_tensor_parallel(tp)
         raise
     return tp
 
 
+def _restore(tp: TensorParallel, to_device: bool) -> torch.device | None:
+    """The original parameters and attributes back, last-first; `to_device`: each original onto the
+    device its shard was on (else it stays where it waits). Returns the shards' device."""
+    device = tp.params[0][3] if tp.params else None
+    for obj, name, value in reversed(tp.attrs):
+        setattr(obj, name, value)
+    with torch.no_grad():
+        for module, name, original, where in reversed(tp.params):
+            if to_device and original.device != where:
+                original.data = original.data.to(where)
+            setattr(module, name, original)
+    tp.attrs.clear()
+    tp.params.clear()
+    return device
+
+
 def remove_tensor_parallel(tp: TensorParallel) -> None:
     """Undo `apply_tensor_parallel` exactly: hooks off, the original Parameter objects and attributes back."""
     for module, name in reversed(tp.attached):
         hooks.detach(module, name)
-    for obj, name, value in reversed(tp.attrs):
-        setattr(obj, name, value)
-    with torch.no_grad():
-        for module, name, original, device in reversed(tp.params):
-            if original.device != device:
-                original.data = original.data.to(device)
-            setattr(module, name, original)
     tp.attached.clear()
-    tp.attrs.clear()
-    tp.params.clear()
+    _restore(tp, to_device=True)
+
+
+@contextmanager
+def unsharded(tp: TensorParallel):
+    """`with unsharded(tp):` the whole weights are back in the model (where the originals wait: the
+    host, off the CPU, so no device holds the whole model) and its attributes whole, hooks left in
+    place; on leaving, the model is cut again, new peft LoRA layers included (`tp_lora.py`), and a
+    tensor-parallel hook whose module peft wrapped meanwhile moves onto the wrapper. For loading a
+    LoRA after accelerate (`tp_load.py`); no forward may run inside."""
+    paths = {id(m): n for n, m in tp.module.named_modules()}
+    hooked = [(paths.get(id(m)), m) for m, _ in tp.attached]
+    device = _restore(tp, to_device=False)
+    try:
+        yield tp
+    finally:
+        with torch.no_grad():
+            _shard_all(tp, device)
+        for path, module in hooked:
+            current = tp.module.get_submodule(path) if path is not None else module
+            if current is not module and is_peft_layer(current) and current.base_layer is module:
+                move_hooks(tp, module, current)
+        for module, name in tp.attached:
+            hook = hook_registry(module).hooks[name]
+            if isinstance(hook, PlacementHook):
+                hook.refresh()
 
 
 # -- text encoders ---------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ only changes `scale`: both keep working after `accelerate`.
 Refused before anything is sharded (ValueError): DoRA (its magnitude normalises the whole weight's
 rows), LoRA on embeddings or on a gathered (AdaLN) linear, LoRA biases on a row-split linear, and peft
 tuners other than LoRA. `unload_lora_weights` after `accelerate` puts each sharded base layer back
-in its wrapper's place; `PlacementHook` moves the wrapper's hooks onto it. Load adapters before
-`accelerate`: a LoRA loaded onto sharded linears gets A / B shaped for the shards.
+in its wrapper's place; `PlacementHook` moves the wrapper's hooks onto it. A LoRA loaded after
+`accelerate` goes through `tp_load.py`, which loads it into the whole model and shards it here.
 """
 
 from __future__ import annotations
@@ -42,20 +42,29 @@ def _is_col(style) -> bool:
 
 def check_lora(module: nn.Module, style, name: str, setting: str) -> None:
     """Raise ValueError where a peft layer at a planned linear cannot be sharded."""
+    if not isinstance(getattr(module, "lora_A", None), nn.ModuleDict):
+        if _is_row(style) or _is_col(style):
+            raise ValueError(f"{setting}: {name} carries a peft {type(module).__name__}, not a LoRA layer; "
+                             "allowed: peft LoRA adapters")
+    refuse_lora(style, module.base_layer, bool(getattr(module, "lora_embedding_A", None)),
+                bool(len(getattr(module, "lora_magnitude_vector", None) or {})),
+                any(b.bias is not None for b in getattr(module, "lora_B", {}).values()), name, setting)
+
+
+def refuse_lora(style, base: nn.Module, embedding: bool, dora: bool, bias: bool, name: str, setting: str) -> None:
+    """Raise ValueError where a LoRA on the planned module `name` (`base`, split by `style`) cannot be
+    sharded: `embedding` (a LoRA embedding), `dora` (a DoRA magnitude), `bias` (B has a bias)."""
     if not (_is_row(style) or _is_col(style)):
         raise ValueError(f"{setting}: {name} carries a peft adapter, but its tensor-parallel style {style!r} is "
                          "not column- or row-split; allowed: LoRA on colwise / rowwise linears (unload or fuse "
                          "the adapter there first)")
-    if not isinstance(getattr(module, "lora_A", None), nn.ModuleDict):
-        raise ValueError(f"{setting}: {name} carries a peft {type(module).__name__}, not a LoRA layer; allowed: "
-                         "peft LoRA adapters")
-    if getattr(module, "lora_embedding_A", None) or not isinstance(module.base_layer, nn.Linear):
-        raise ValueError(f"{setting}: {name} is a LoRA layer around a {type(module.base_layer).__name__}; allowed: "
+    if embedding or not isinstance(base, nn.Linear):
+        raise ValueError(f"{setting}: {name} is a LoRA layer around a {type(base).__name__}; allowed: "
                          "LoRA on nn.Linear")
-    if len(getattr(module, "lora_magnitude_vector", None) or {}):
+    if dora:
         raise ValueError(f"{setting}: {name} has a DoRA adapter (its magnitude normalises whole weight rows); "
                          "allowed: plain LoRA (use_dora=False)")
-    if _is_row(style) and any(b.bias is not None for b in module.lora_B.values()):
+    if _is_row(style) and bias:
         raise ValueError(f"{setting}: {name} is row-split and its LoRA B has a bias (lora_bias=True), which "
                          "every rank would add; allowed: lora_bias=False")
 
@@ -73,6 +82,18 @@ def lora_parts(module: nn.Module, style, base_splits: dict) -> list[tuple[nn.Mod
     return parts
 
 
+def move_hooks(tp, old: nn.Module, new: nn.Module) -> None:
+    """Every hook of `tp` on `old` moves onto `new` (a peft layer and its base layer trading places)."""
+    from .. import hooks
+
+    for j, (m, name) in enumerate(tp.attached):
+        if m is old:
+            hook = hook_registry(old).hooks[name]
+            hooks.detach(old, name)
+            hooks.attach(new, hook, name)
+            tp.attached[j] = (new, name)
+
+
 class PlacementHook(ModelHook):
     """On the sharded module, before each call: a hooked peft layer that peft replaced by its own base
     layer (`unload_lora_weights` after `accelerate`) hands its tensor-parallel hooks (the reduce of a
@@ -81,28 +102,26 @@ class PlacementHook(ModelHook):
     def __init__(self, tp) -> None:
         super().__init__()
         self.tp = tp
-        names = {id(m): n for n, m in tp.module.named_modules()}
         self.slots = []  # (parent, attribute, hooked module)
-        for module, _ in tp.attached:
+
+    def initialize_hook(self, module: nn.Module) -> nn.Module:
+        self.refresh()
+        return module
+
+    def refresh(self) -> None:
+        """Find the hooked peft layers again (a LoRA was loaded after accelerate)."""
+        names = {id(m): n for n, m in self.tp.module.named_modules()}
+        self.slots = []
+        for module, _ in self.tp.attached:
             path = names.get(id(module), "")
             if path and is_peft_layer(module):
                 parent_path, _, attr = path.rpartition(".")
-                self.slots.append((tp.module.get_submodule(parent_path), attr, module))
+                self.slots.append((self.tp.module.get_submodule(parent_path), attr, module))
 
     def pre_forward(self, module, *args, **kwargs):
         for i, (parent, attr, hooked) in enumerate(self.slots):
             current = getattr(parent, attr)
             if current is not hooked and current is hooked.base_layer:
-                self._move(hooked, current)
+                move_hooks(self.tp, hooked, current)
                 self.slots[i] = (parent, attr, current)
         return args, kwargs
-
-    def _move(self, old: nn.Module, new: nn.Module) -> None:
-        from .. import hooks
-
-        for j, (m, name) in enumerate(self.tp.attached):
-            if m is old:
-                hook = hook_registry(old).hooks[name]
-                hooks.detach(old, name)
-                hooks.attach(new, hook, name)
-                self.tp.attached[j] = (new, name)

@@ -31,6 +31,7 @@ import torch.nn as nn
 from .._diffusers_compat import PackedColwiseParallel, PackedRowwiseParallel, tp_plan
 
 from .. import model_lookup
+from ..modelinfo import config_value
 from ..registry import Registry
 
 __all__ = ["PackedColwiseParallel", "PackedRowwiseParallel", "TPPlan", "TP_PLANS", "supported_tp_classes",
@@ -80,15 +81,6 @@ def tp_plan_for(module: nn.Module) -> TPPlan | None:
     return TP_PLANS.get(name)(module) if name in TP_PLANS else None
 
 
-def _config(module: nn.Module, *keys: str):
-    cfg = getattr(module, "config", {})
-    for key in keys:
-        value = cfg.get(key) if hasattr(cfg, "get") else getattr(cfg, key, None)
-        if value is not None:
-            return value
-    return None
-
-
 # -- diffusers transformers --------------------------------------------------------------------
 
 def _flux(t: nn.Module, table: dict | None = None) -> TPPlan:
@@ -102,7 +94,8 @@ def _flux(t: nn.Module, table: dict | None = None) -> TPPlan:
                "single_transformer_blocks.*.norm.linear": "colwise_gather"}
     reduce = ("transformer_blocks.*.attn", "transformer_blocks.*.ff", "transformer_blocks.*.ff_context",
               "single_transformer_blocks.*.proj_out")
-    return TPPlan(tuple(linears.items()), reduce, head_counts=(_config(t, "num_attention_heads"),), source="diffusers")
+    return TPPlan(tuple(linears.items()), reduce, head_counts=(config_value(t, "num_attention_heads"),),
+                  source="diffusers")
 
 
 def _flux2(t: nn.Module) -> TPPlan:
@@ -114,7 +107,8 @@ def _flux2(t: nn.Module) -> TPPlan:
                "single_stream_modulation.linear": "colwise_gather"}
     reduce = ("transformer_blocks.*.attn", "transformer_blocks.*.ff", "transformer_blocks.*.ff_context",
               "single_transformer_blocks.*.attn")
-    return TPPlan(tuple(linears.items()), reduce, head_counts=(_config(t, "num_attention_heads"),), source="diffusers")
+    return TPPlan(tuple(linears.items()), reduce, head_counts=(config_value(t, "num_attention_heads"),),
+                  source="diffusers")
 
 
 def _qwenimage(t: nn.Module) -> TPPlan:
@@ -123,7 +117,8 @@ def _qwenimage(t: nn.Module) -> TPPlan:
                "transformer_blocks.*.img_mod.1": "colwise_gather",
                "transformer_blocks.*.txt_mod.1": "colwise_gather"}
     reduce = ("transformer_blocks.*.attn", "transformer_blocks.*.img_mlp", "transformer_blocks.*.txt_mlp")
-    return TPPlan(tuple(linears.items()), reduce, head_counts=(_config(t, "num_attention_heads"),), source="diffusers")
+    return TPPlan(tuple(linears.items()), reduce, head_counts=(config_value(t, "num_attention_heads"),),
+                  source="diffusers")
 
 
 def _wan(t: nn.Module) -> TPPlan:
@@ -140,7 +135,7 @@ def _wan(t: nn.Module) -> TPPlan:
     linears["blocks.*.ffn.net.0.proj"] = "colwise"
     linears["blocks.*.ffn.net.2"] = "rowwise"
     return TPPlan(tuple(linears.items()), ("blocks.*.attn1", "blocks.*.attn2", "blocks.*.ffn"),
-                  heads=("blocks.*.attn1", "blocks.*.attn2"), head_counts=(_config(t, "num_attention_heads"),))
+                  heads=("blocks.*.attn1", "blocks.*.attn2"), head_counts=(config_value(t, "num_attention_heads"),))
 
 
 def _zimage(t: nn.Module) -> TPPlan:
@@ -157,7 +152,7 @@ def _zimage(t: nn.Module) -> TPPlan:
         linears[f"{stage}.*.adaLN_modulation.0"] = "colwise_gather"
         reduce += [f"{stage}.*.attention", f"{stage}.*.feed_forward"]
         heads.append(f"{stage}.*.attention")
-    return TPPlan(tuple(linears.items()), tuple(reduce), tuple(heads), head_counts=(_config(t, "n_heads"),))
+    return TPPlan(tuple(linears.items()), tuple(reduce), tuple(heads), head_counts=(config_value(t, "n_heads"),))
 
 
 def _flux_controlnet(c: nn.Module) -> TPPlan:
