@@ -36,8 +36,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--policies", nargs="+", default=None, help="cachedit policies (default: every registered)")
     parser.add_argument("--calibrators", nargs="+", default=None, help="'none' or registered names (default: all)")
     parser.add_argument("--out", default="bench/out/frontier")
+    parser.add_argument("--parts", default="fewer-steps,cachedit,peers", help="comma-separated, of these")
+    parser.add_argument("--peers", nargs="+", default=None, help="only peer families whose names contain one of these")
+    parser.add_argument("--tag", default="", help="suffix of the output files (runs of some parts, to merge)")
     parser.add_argument("--replot", action="store_true", help="only the tables and plots, from the saved JSON")
+    parser.add_argument("--merge", nargs="+", default=None,
+                        help="saved JSON files of runs of some parts on one model: merged, then tables and plots")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge_saved(Path(args.out), [Path(f) for f in args.merge])
     if args.replot:
         return replot(Path(args.out), args.model)
     quiet_third_party()
@@ -53,15 +60,16 @@ def main(argv: list[str] | None = None) -> None:
     for model in args.model:
         load, call, prompts = model_and_call(model)
         prompts = prompts[: args.prompts]
-        stem = "frontier_" + Path(model).name
+        stem = "frontier_" + Path(model).name + (f"_{args.tag}" if args.tag else "")
         partial = out / f"{stem}.partial.json"  # every point so far, while it runs
         result = run_frontier(load, call, prompts, args.steps, quick=args.quick, lpips=args.lpips,
                               log=lambda line: print(line, flush=True),
                               screen=False if args.no_screen else None, policies=args.policies,
-                              calibrators=calibrators, progress=lambda rows: partial.write_text(json.dumps(rows)))
+                              calibrators=calibrators, progress=lambda rows: partial.write_text(json.dumps(rows)),
+                              parts=tuple(args.parts.split(",")), peers=args.peers)
         partial.unlink(missing_ok=True)
         meta = {"model": model, "prompts": prompts, "seeds": list(range(len(prompts))), "steps": args.steps,
-                "quick": args.quick, "calibrators": args.calibrators, "date": datetime.date.today().isoformat(),
+                "quick": args.quick, "policies": args.policies, "calibrators": args.calibrators, "parts": args.parts, "peers": args.peers, "date": datetime.date.today().isoformat(),
                 "torch": torch.__version__}
         (out / f"{stem}.json").write_text(json.dumps({"meta": meta, **result}, indent=1, default=str))
         report(out, stem, meta, result)
@@ -86,6 +94,25 @@ def replot(out: Path, models: list[str]) -> None:
         stem = "frontier_" + Path(model).name
         saved = json.loads((out / f"{stem}.json").read_text())
         report(out, stem, saved["meta"], saved)
+
+
+
+def merge_saved(out: Path, files: list[Path]) -> None:
+    """Runs of some parts on one model (same prompts, seeds and steps) as one result."""
+    from cachedit.benchmarking.frontier import merge
+
+    saved = [json.loads(f.read_text()) for f in files]
+    metas = [s["meta"] for s in saved]
+    for key in ("model", "prompts", "seeds", "steps"):
+        if len({json.dumps(m[key]) for m in metas}) != 1:
+            raise SystemExit(f"--merge: the runs differ in {key}; only runs on the same model, prompts, seeds and "
+                             "steps merge")
+    meta = {**metas[0], "parts": [m.get("parts") for m in metas], "policies_by_run": [m.get("policies") for m in metas],
+            "merged_from": [str(f) for f in files]}
+    result = merge(saved)
+    stem = "frontier_" + Path(meta["model"]).name
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, **result}, indent=1, default=str))
+    report(out, stem, meta, result)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ crossed with every calibrator), so a newly registered policy or calibrator is sw
 the bench. Each family's Pareto frontier is interpolated linearly between its settings (`frontier_at`),
 never extrapolated, so the grid's spacing does not decide.
 
-With many candidates, every family is first screened on the first prompt alone, at its first and last
-setting, and only the families among the best at some target run their whole grid on all prompts; the
+With many candidates, every family is first screened on the first prompt alone, at its first, middle and
+last setting, and only the families among the best at some target run their whole grid on all prompts; the
 screen's points are kept in the output, marked.
 """
 
@@ -26,6 +26,7 @@ TARGETS = (2.0, 2.5, 3.0, 4.0, 5.0)
 FEWER_STEPS_FRACTIONS = (1 / 2, 1 / 2.55, 1 / 3.1, 1 / 4, 1 / 4.7, 1 / 5.6)
 SCREEN_KEEP = 2  # families kept per target after the one-prompt screen
 GROUPS = ("cachedit", "cache-dit", "diffusers", "fewer steps")
+PARTS = ("fewer-steps", "cachedit", "peers")  # what `run_frontier` runs; results of parts run apart merge
 
 
 @dataclass
@@ -138,7 +139,7 @@ def lpips_metric() -> Callable:
 def cachedit_families(policy_options: dict[str, dict], quick: bool = False, policies: list[str] | None = None,
                       calibrators: list | None = None) -> list:
     """`tune.Candidate`s from the live registries (optionally only some policies / calibrators);
-    `quick`: per family its first and last setting."""
+    `quick`: per family its first, middle and last setting."""
     from ..tune import search_space
 
     candidates = search_space(policies, calibrators, policy_options)
@@ -147,7 +148,8 @@ def cachedit_families(policy_options: dict[str, dict], quick: bool = False, poli
     by_family: dict[str, list] = {}
     for c in candidates:
         by_family.setdefault(c.family, []).append(c)
-    return [c for members in by_family.values() for c in {id(m): m for m in (members[0], members[-1])}.values()]
+    picks = (lambda m: {id(c): c for c in (m[0], m[len(m) // 2], m[-1])}.values())
+    return [c for members in by_family.values() for c in picks(members)]
 
 
 def peer_families(steps: int, mag_ratios, diffusers_ok: bool, quick: bool = False) -> tuple[list, list[str]]:
@@ -199,10 +201,13 @@ def fewer_steps(steps: int) -> list[int]:
 def run_frontier(load: Callable, call: Callable, prompts: list[str], steps: int, quick: bool = False,
                  lpips: bool = False, screen: bool | None = None, policies: list[str] | None = None,
                  calibrators: list | None = None, log: Callable = print,
-                 progress: Callable | None = None) -> dict:
+                 progress: Callable | None = None, parts: tuple[str, ...] = PARTS,
+                 peers: list[str] | None = None) -> dict:
     """Every method on `prompts` (seed i for prompt i) against the plain pipeline at `steps`; `screen`
     (default: with more than 2 prompts, not quick) screens cachedit's families on the first prompt;
-    `progress(rows)` sees every point so far after each one (a long run's partial results).
+    `progress(rows)` sees every point so far after each one (a long run's partial results); `parts`: some of
+    PARTS (runs of different parts on the same prompts and seeds merge with `merge`); `peers`: only the peer
+    families whose names contain one of these.
     Returns {"points": [Point rows], "left_out": [reasons], "targets": TARGETS}."""
     import cachedit
 
@@ -227,14 +232,14 @@ def run_frontier(load: Callable, call: Callable, prompts: list[str], steps: int,
         log(f"{point.name}: ideal {point.ideal:.2f}x PSNR {point.psnr_db:.2f} dB SSIM {point.ssim:.4f}"
             + (" (screen)" if point.screen else ""))
 
-    for n in fewer_steps(steps):  # the same plain pipeline, fewer steps
+    for n in fewer_steps(steps) if "fewer-steps" in parts else ():  # the same plain pipeline, fewer steps
         images = [plain(prompt=p, **call(n, i))[0] for i, p in enumerate(prompts)]
         add(Point("fewer steps", "fewer steps", f"{n} steps", steps / n, prompts=len(prompts),
                   settings={"num_inference_steps": n}, **score(images, references)))
 
     runs = [dict(prompt=prompts[i % len(prompts)], **call(steps, 100 + i)) for i in range(1 if quick else 3)]
     options = {name: calibrate(plain, name, runs) for name in ("teacache", "magcache")  # unseen seeds
-               if policies is None or name in policies}
+               if "cachedit" in parts and (policies is None or name in policies)}
     counter = BlockCounter(plain, prompts[0], call(steps, 0))
 
     def run_cachedit(candidate, some: list[int]) -> Point:
@@ -249,23 +254,29 @@ def run_frontier(load: Callable, call: Callable, prompts: list[str], steps: int,
         return Point("cachedit", candidate.family, name, ideal, prompts=len(some), screen=len(some) < len(prompts),
                      settings=candidate.cache, **score(images, [references[i] for i in some]))
 
-    candidates = cachedit_families(options, quick, policies, calibrators)
+    candidates = cachedit_families(options, quick, policies, calibrators) if "cachedit" in parts else []
     families = sorted({c.family for c in candidates})
     screen = len(prompts) > 2 and not quick if screen is None else screen
-    if screen:  # each family's first and last setting on the first prompt
-        for c in cachedit_families(options, True, policies, calibrators):
+    if screen and candidates:  # each family's first, middle and last setting on the first prompt
+        screened = cachedit_families(options, True, policies, calibrators)
+        for c in screened:
             add(run_cachedit(c, [0]))
         keep = _best_families([p for p in points if p.group == "cachedit"])
-        log(f"screened {len(candidates)} cachedit configurations in {len(families)} families on one prompt; "
+        log(f"screened {len(screened)} cachedit configurations in {len(families)} families on one prompt; "
             f"kept {len(keep)}: {', '.join(sorted(keep))}")
         candidates = [c for c in candidates if c.family in keep]
     for c in candidates:
         add(run_cachedit(c, list(range(len(prompts)))))
     counter.close()
 
-    mag_ratios = calibrate_mag_ratios(load, call, prompts[0], steps)
-    peers, left_out = peer_families(steps, mag_ratios, diffusers_can_cache(plain), quick)
-    for family, method in peers:  # each on a pipeline of its own: peers patch state that outlives disable
+    found, left_out = [], []
+    if "peers" in parts:
+        wanted = (lambda family: peers is None or any(w in family for w in peers))
+        mag_ratios = calibrate_mag_ratios(load, call, prompts[0], steps) if wanted("diffusers MagCache") else None
+        found, left_out = peer_families(steps, mag_ratios, diffusers_can_cache(plain), quick)
+        found = [(f, m) for f, m in found if wanted(f)]
+        left_out = [r for r in left_out if wanted(r.split(":")[0])]
+    for family, method in found:  # each on a pipeline of its own: peers patch state that outlives disable
         try:
             pipe = load()
             method.apply(pipe)
@@ -283,6 +294,21 @@ def run_frontier(load: Callable, call: Callable, prompts: list[str], steps: int,
                   settings={k: v for k, v in method.settings.items()}, **score(images, references)))
     return {"points": [p.row() for p in points], "left_out": left_out, "targets": list(TARGETS),
             "cachedit_families": families}
+
+
+def merge(results: list[dict]) -> dict:
+    """One result from runs of different parts (or policies) on the same model, prompts and seeds; a method
+    measured by two runs is kept once (the first)."""
+    out = {"points": [], "left_out": [], "targets": list(TARGETS), "cachedit_families": []}
+    seen = set()
+    for r in results:
+        for p in r["points"]:
+            if (p["name"], p["screen"]) not in seen:
+                seen.add((p["name"], p["screen"]))
+                out["points"].append(p)
+        out["left_out"] += r.get("left_out", [])
+        out["cachedit_families"] = sorted(set(out["cachedit_families"]) | set(r.get("cachedit_families", [])))
+    return out
 
 
 def _knob(cache: dict) -> str:
