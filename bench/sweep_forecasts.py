@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from cachedit.benchmarking.frontier import BlockCounter, frontier_at
 from cachedit.cli import quiet_third_party
 
 TARGETS = (2.0, 2.5, 3.0, 4.0)
@@ -59,52 +60,6 @@ def methods(quick: bool = False) -> list[tuple[str, str, dict | None, object]]:
                      lambda n=n: TaylorSeerCacheConfig(cache_interval=n, disable_cache_before_step=3,
                                                        taylor_factors_dtype=torch.float32, use_lite_mode=True)))
     return rows
-
-
-def frontier_at(points: list[tuple[float, float]], target: float) -> float | None:
-    """PSNR of the family's Pareto frontier at `target` ideal speedup, linear between settings."""
-    pts = sorted(points)
-    best = [p for p in pts if not any(q[0] >= p[0] and q[1] > p[1] for q in pts if q is not p)]
-    best.sort()
-    for (x0, y0), (x1, y1) in zip(best, best[1:]):
-        if x0 <= target <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (target - x0) / (x1 - x0)
-    return next((y for x, y in best if abs(x - target) < 1e-9), None)
-
-
-class BlockCounter:
-    """Per block: its FLOPs per call (one counted plain call) and how often it really computed since
-    `reset()` (a pre-hook on its attention module, which a skipped block never reaches)."""
-
-    def __init__(self, pipe, prompt: str, kwargs: dict) -> None:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        from cachedit.adapters import adapter_for
-
-        transformer = pipe.transformer
-        self.blocks = [b for stack in adapter_for(transformer).stacks(transformer) for b in stack]
-        self.calls = [0] * len(self.blocks)
-        self.handles = [b.attn.register_forward_pre_hook(lambda *_, i=i: self._count(i))
-                        for i, b in enumerate(self.blocks)]
-        with FlopCounterMode(display=False) as counter:
-            pipe(prompt=prompt, **kwargs)
-        counts = counter.get_flop_counts()
-        names = {m: n for n, m in transformer.named_modules()}
-        self.flops = []
-        for i, block in enumerate(self.blocks):
-            mine = [sum(v.values()) for k, v in counts.items() if k == names[block] or k.endswith("." + names[block])]
-            self.flops.append(max(mine) / self.calls[i])
-        self.plain = sum(self.flops[i] * self.calls[i] for i in range(len(self.blocks)))  # one plain call
-        self.reset()
-
-    def _count(self, i: int) -> None:
-        self.calls[i] += 1
-
-    def reset(self) -> None:
-        self.calls = [0] * len(self.blocks)
-
-    def executed(self) -> float:
-        return sum(f * c for f, c in zip(self.flops, self.calls))
 
 
 def main() -> None:
