@@ -2,11 +2,13 @@
 
     options = calibrate(pipe, "teacache", runs)   # {"coefficients": [...]}: rescaling polynomial, degree 4
     options = calibrate(pipe, "magcache", runs)   # {"mag_ratios": [...]}: one ratio per step
+    options = calibrate(pipe, "schedule", runs, speedup=3)  # {"steps": {context: [...]}, "num_steps": N}
 
 `runs` is a list of pipeline-call keyword dicts (prompt, steps, seed ...). Nothing is patched:
 plain forward hooks on the first and last block of the transformer's first stack record each
 step's input, timestep-modulated input and output; CFG branches are kept apart by the order of
-the transformer's calls at each timestep (`runs.py`), never by tensor addresses.
+the transformer's calls at each timestep (`runs.py`), never by tensor addresses. `record_streams`
+records every stack's full residuals per cache context, by the name the pipeline gives it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ import inspect
 
 import numpy as np
 import torch
+from diffusers.hooks import ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
+
+from .. import hooks
 
 from ..adapters import adapter_for, block_io, modulated_input
 from .runs import RunTracker
@@ -67,6 +73,92 @@ def record(pipe, runs: list[dict]) -> list[list[dict]]:
     return recorded
 
 
+class _ContextName(ModelHook):
+    """Reads the name a pipeline gives a transformer call with `cache_context`: diffusers sets it on the
+    state managers of stateful hooks, so this hook holds one and never changes the call."""
+
+    _is_stateful = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.states = StateManager(BaseState)
+
+    @property
+    def name(self) -> str | None:
+        context = self.states._context
+        return context.name if context is not None else None
+
+    def reset_state(self, module):
+        self.states.reset()
+        return module
+
+
+def _timestep_reader(transformer):
+    params = list(inspect.signature(transformer.forward).parameters)
+    at = next((params.index(p) for p in ("timestep", "t") if p in params), None)
+
+    def read(args, kwargs) -> float:
+        timestep = kwargs.get(params[at]) if at is not None else None
+        if timestep is None and at is not None and at < len(args):
+            timestep = args[at]
+        return float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep or 0)
+    return read
+
+
+def record_streams(pipe, runs: list[dict]) -> list[dict[str, dict]]:
+    """Per run, per cache context (the pipeline's `cache_context` name, else "branch0", "branch1" by call order
+    as cachedit names them): {"timesteps": [float per step], "residuals": [[tensor per stream] per step]}, where
+    the streams are each block stack's full hidden residual (last block's output - first block's input) and its
+    text-stream residual where the blocks return one: what a skipped step of an Fn=0, Bn=0 cache forecasts."""
+    transformer = pipe.transformer
+    stacks = adapter_for(transformer).stacks(transformer)
+    read_timestep = _timestep_reader(transformer)
+    names = _ContextName()
+    call: dict = {}
+
+    def on_call(module, args, kwargs):
+        timestep = read_timestep(args, kwargs)
+        branch = tracker.observe(timestep, names.name)[0]
+        call.update(context=names.name or branch, timestep=timestep, streams=[])
+
+    def on_first(io, module, args, kwargs):
+        call["inputs"] = io.inputs(module, args, kwargs)
+
+    def on_last(io, module, args, kwargs, output):
+        (h_in, e_in), (h_out, e_out) = call.pop("inputs"), io.outputs(output)
+        call["streams"].append((h_out - h_in).detach().float().clone())
+        if e_in is not None and e_out is not None and e_in.shape == e_out.shape:
+            call["streams"].append((e_out - e_in).detach().float().clone())
+
+    def on_done(module, args, kwargs, output):
+        entry = contexts.setdefault(call["context"], {"timesteps": [], "residuals": []})
+        entry["timesteps"].append(call["timestep"])
+        entry["residuals"].append(call["streams"])
+
+    handles = [transformer.register_forward_pre_hook(on_call, with_kwargs=True),
+               transformer.register_forward_hook(on_done, with_kwargs=True)]
+    for blocks in stacks:
+        first, last = block_io(blocks[0]), block_io(blocks[-1])
+        handles.append(blocks[0].register_forward_pre_hook(lambda m, a, k, io=first: on_first(io, m, a, k),
+                                                           with_kwargs=True))
+        handles.append(blocks[-1].register_forward_hook(lambda m, a, k, o, io=last: on_last(io, m, a, k, o),
+                                                        with_kwargs=True))
+    hooks.attach(transformer, names, "cachedit.calibrate.context")
+    recorded = []
+    try:
+        for kwargs in runs:
+            contexts: dict = {}
+            tracker = RunTracker()
+            with torch.no_grad():
+                pipe(**kwargs)
+            recorded.append(contexts)
+    finally:
+        for h in handles:
+            h.remove()
+        hooks.detach(transformer, "cachedit.calibrate.context")
+    return recorded
+
+
 def teacache_coefficients(recorded: list[list[dict]], degree: int = 4) -> list[float]:
     """Fit output-residual change as a polynomial of modulated-input change, over consecutive steps."""
     xs, ys = [], []
@@ -93,11 +185,21 @@ def mag_ratios(recorded: list[list[dict]]) -> list[float]:
     return [float(np.mean([r[i] for r in per_run])) for i in range(length)]
 
 
-def calibrate(pipe, policy: str, runs: list[dict]) -> dict:
+def calibrate(pipe, policy: str, runs: list[dict], **options) -> dict:
+    """The calibrated `policy_options` of `policy`; `options` go to the schedule search
+    (`schedule_search.ScheduleSearch` and its `options`: speedup=, calibrator=, objective=, split=, weights=)."""
+    if policy == "schedule":
+        from .schedule_search import ScheduleSearch
+
+        search_keys = ("calibrator", "order", "objective")
+        search = ScheduleSearch(record_streams(pipe, runs), **{k: options.pop(k) for k in search_keys if k in options})
+        return search.options(**options)
+    if options:
+        raise ValueError(f"calibrate: policy={policy!r} takes no options, got {sorted(options)}")
     recorded = record(pipe, runs)
     if policy == "teacache":
         return {"coefficients": teacache_coefficients(recorded)}
     if policy == "magcache":
         return {"mag_ratios": mag_ratios(recorded)}
     raise ValueError(f"calibrate: policy={policy!r} needs no calibration or is unknown; allowed values: "
-                     "'teacache', 'magcache'")
+                     "'teacache', 'magcache', 'schedule'")

@@ -78,6 +78,7 @@ class Policy:
     needs_modulated_input = False
     tune_thresholds: tuple[float, ...] = ()  # what `cachedit tune` tries; empty: not searched
     tune_Fn = 0  # the first blocks the tuner computes (1 where the signal is the first blocks' residual)
+    tune_calibrators: tuple | None = None  # the calibrators `cachedit tune` crosses it with (None: every one)
 
     @classmethod
     def tune_space(cls) -> list[dict]:

@@ -1,5 +1,6 @@
 """Forecasts that hold over long skips (issue 15): timestep-distance Taylor with a stability guard,
-HiCache's scaled-Hermite basis, FreqCa's frequency split, and the fixed-interval policy. Each is
+HiCache's scaled-Hermite basis, FreqCa's frequency split, the fixed-interval policy and the searched
+schedule policy. Each is
 registered here under its name, so `CacheConfig(calibrator=..., policy=...)` and every sweep over
 the registries find it."""
 
@@ -8,6 +9,7 @@ from ..policies import register_policy
 from .frequency import FreqCa, FreqCaLow
 from .hermite import HiCache
 from .interval import Interval
+from .schedule import Schedule
 from .taylor import TimedTaylor, TimedTaylorSeer
 
 register_calibrator("taylor_t", TimedTaylor)
@@ -16,5 +18,6 @@ register_calibrator("hicache", HiCache)
 register_calibrator("freqca", FreqCa)
 register_calibrator("freqca_low", FreqCaLow)
 register_policy(Interval)
+register_policy(Schedule)
 
-__all__ = ["FreqCa", "FreqCaLow", "HiCache", "Interval", "TimedTaylor", "TimedTaylorSeer"]
+__all__ = ["FreqCa", "FreqCaLow", "HiCache", "Interval", "Schedule", "TimedTaylor", "TimedTaylorSeer"]
