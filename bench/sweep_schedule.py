@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--families", default="", help="comma-separated family names to keep (default: all)")
+    parser.add_argument("--variants", default="all", choices=("all", "main"),
+                        help="main: the search split and min-max only (no even / CFG-weighted split)")
     parser.add_argument("--out", default="bench/out/schedule")
     args = parser.parse_args()
     quiet_third_party()
@@ -83,7 +85,7 @@ def main() -> None:
     for total in dense:
         speedup = calls / total
         variants = [("schedule FoCa (search split)", "sum", "search", None)]
-        if len(contexts) > 1:
+        if len(contexts) > 1 and args.variants == "all":
             variants += [("schedule FoCa (even split)", "sum", "even", None),
                          ("schedule FoCa (CFG-weighted split)", "sum", "search", cfg_weights)]
         variants.append(("schedule FoCa min-max", "max", "search", None))
