@@ -48,7 +48,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--families", default="", help="comma-separated family names to keep (default: all)")
     parser.add_argument("--variants", default="all", choices=("all", "main"),
-                        help="main: the search split and min-max only (no even / CFG-weighted split)")
+                        help="main: the search split and min-max only (with the shared-steps min-max under CFG)")
+    parser.add_argument("--speedups", default="1.6,1.8,2,2.25,2.5,2.75,3,3.5,4,4.5,5,6",
+                        help="the schedules' target ideal speedups (computed calls rounded)")
+    parser.add_argument("--intervals", default="2,3,4,5,6,7", help="interval FoCa / TaylorSeerCache lite settings")
+    parser.add_argument("--fewer", default="18,14,12,11,10,9,8,7,6,5,4", help="step counts of plain fewer steps")
     parser.add_argument("--out", default="bench/out/schedule")
     args = parser.parse_args()
     quiet_third_party()
@@ -81,31 +85,35 @@ def main() -> None:
     cfg_weights = {"cond": guidance, "uncond": guidance - 1}
     rows_meta = []
     methods = []  # (family, name, cache dict | None, diffusers factory | None, steps)
-    dense = sorted({round(calls / s) for s in (1.6, 1.8, 2.0, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0)})
+    ints = lambda text: [int(v) for v in text.split(",") if v]  # noqa: E731
+    dense = sorted({round(calls / float(s)) for s in args.speedups.split(",") if s})
     for total in dense:
         speedup = calls / total
         variants = [("schedule FoCa (search split)", "sum", "search", None)]
         if len(contexts) > 1 and args.variants == "all":
             variants += [("schedule FoCa (even split)", "sum", "even", None),
+                         ("schedule FoCa (shared steps)", "sum", "shared", None),
                          ("schedule FoCa (CFG-weighted split)", "sum", "search", cfg_weights)]
         variants.append(("schedule FoCa min-max", "max", "search", None))
+        if len(contexts) > 1:
+            variants.append(("schedule FoCa min-max (shared steps)", "max", "shared", None))
         for family, objective, split, weights in variants:
             options = searches[objective].options(speedup, split=split, weights=weights)
             rows_meta.append({"family": family, "total": total, "steps": options["steps"]})
             methods.append((family, f"{family} {total}/{calls} calls",
                             dict(base, warmup_steps=0, policy="schedule", policy_options=options), None, n))
-    for interval in (2, 3, 4, 5, 6, 7):
+    for interval in ints(args.intervals):
         methods.append(("interval FoCa", f"interval FoCa N={interval}",
                         dict(base, warmup_steps=2, policy="interval", policy_options={"interval": interval}), None, n))
     if diffusers_can_cache(plain):
         from diffusers import TaylorSeerCacheConfig
 
-        for interval in (2, 3, 4, 5, 6, 7):
+        for interval in ints(args.intervals):
             methods.append(("diffusers TaylorSeerCache lite", f"diffusers TaylorSeerCache lite interval={interval}",
                             None, lambda k=interval: TaylorSeerCacheConfig(
                                 cache_interval=k, disable_cache_before_step=3, taylor_factors_dtype=torch.float32,
                                 use_lite_mode=True), n))
-    for fewer in (18, 14, 12, 11, 10, 9, 8, 7, 6, 5, 4):
+    for fewer in ints(args.fewer):
         methods.append(("fewer steps", f"fewer steps {fewer}", None, None, fewer))
 
     results = []

@@ -133,6 +133,9 @@ def test_budget_split_follows_the_weights():
     options = search.options(2.0)
     assert sum(len(v) for v in options["steps"].values()) == 12 and options["num_steps"] == 12
     CacheConfig(**_cache(options["steps"], num_steps=12))
+    shared = search.options(2.0, split="shared")["steps"]
+    assert len(shared) == 6 and shared == search.shared(6)[1] and shared[0] == 0
+    CacheConfig(**_cache(shared, num_steps=12))
     for bad, field in ((dict(speedup=0.5), "speedup"), (dict(speedup=2, split="odd"), "split"),
                        (dict(speedup=2, weights={"cond": -1}), "weights")):
         with pytest.raises(ValueError, match=field):

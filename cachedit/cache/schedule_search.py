@@ -19,7 +19,9 @@ minimising the estimated error of the forecasts the schedule implies:
   minimising the sum of the edge costs ("sum") or the largest step error ("max");
 - cache contexts (CFG branches) get their own paths; a total budget is split between them where the
   weighted sum of their best costs is least ("search"), or evenly ("even"). Weights say how much each
-  branch's error reaches the guided output: with true CFG g, cond g and uncond g - 1.
+  branch's error reaches the guided output: with true CFG g, cond g and uncond g - 1. Or all contexts
+  share one path ("shared"), the best for the weighted sum of their errors: forecasts of both branches
+  at the same steps err alike, and the guidance difference cond - uncond cancels part of it.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 from .calibrators import CALIBRATORS, make_calibrator
 
 OBJECTIVES = ("sum", "max")
-SPLITS = ("search", "even")
+SPLITS = ("search", "even", "shared")
 
 
 def _relative_l1(predicted: torch.Tensor, actual: torch.Tensor) -> float:
@@ -136,7 +138,7 @@ class ScheduleSearch:
         if not contexts or self.num_steps < 2:
             raise ValueError("schedule search: the runs share no cache context of at least 2 steps")
         self.calibrator, self.objective = calibrator, objective
-        self.errors, self.paths = {}, {}
+        self.errors, self.paths, self._shared = {}, {}, {}
         n = self.num_steps
         for c in contexts:
             per_run = [edge_costs(run[c]["residuals"][:n], run[c]["timesteps"][:n], calibrator, order)
@@ -173,9 +175,18 @@ class ScheduleSearch:
             table = nxt
         return table[total][1]
 
+    def shared(self, k: int, weights: dict[str, float] | None = None) -> tuple[float, list[int]]:
+        """(cost, steps) of the best schedule of `k` computed steps that every context shares."""
+        w = {c: float((weights or {}).get(c, 1.0)) for c in self.contexts}
+        key = tuple(sorted(w.items()))
+        if key not in self._shared:
+            errors = sum(w[c] * self.errors[c] for c in self.contexts)
+            self._shared[key] = best_paths(path_costs(errors, self.objective), self.objective)
+        return self._shared[key][max(1, min(k, self.num_steps)) - 1]
+
     def options(self, speedup: float, split: str = "search", weights: dict[str, float] | None = None) -> dict:
         """`policy_options` of the schedule policy for an ideal speedup of at least `speedup` (computed steps
-        over all contexts: floor(contexts * steps / speedup))."""
+        over all contexts: floor(contexts * steps / speedup); "shared": that many per context, one list)."""
         if not (isinstance(speedup, (int, float)) and math.isfinite(speedup) and speedup >= 1):
             raise ValueError(f"schedule search: speedup={speedup!r} is invalid; allowed values: a finite number >= 1")
         if split not in SPLITS:
@@ -185,5 +196,7 @@ class ScheduleSearch:
             raise ValueError(f"schedule search: weights={weights!r} is invalid; allowed values: a dict of cache "
                              "context -> finite number >= 0")
         total = math.floor(len(self.contexts) * self.num_steps / speedup + 1e-9)
+        if split == "shared":
+            return {"steps": self.shared(max(1, total // len(self.contexts)), weights)[1], "num_steps": self.num_steps}
         alloc = self.split(total, split, weights)
         return {"steps": {c: self.best(c, k)[1] for c, k in alloc.items()}, "num_steps": self.num_steps}
