@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -86,7 +87,7 @@ def main() -> None:
     rows_meta = []
     methods = []  # (family, name, cache dict | None, diffusers factory | None, steps)
     ints = lambda text: [int(v) for v in text.split(",") if v]  # noqa: E731
-    dense = sorted({round(calls / float(s)) for s in args.speedups.split(",") if s})
+    dense = sorted({math.floor(calls / float(s) + 1e-9) for s in args.speedups.split(",") if s})  # >= the speedup
     for total in dense:
         speedup = calls / total
         variants = [("schedule FoCa (search split)", "sum", "search", None)]
