@@ -9,7 +9,7 @@ import os
 import sys
 import warnings
 
-from .arguments import UserError, model_source, positive_int, writable_dir, writable_file
+from .arguments import UserError, finite_float, model_source, positive_int, writable_dir, writable_file
 
 # Messages of other libraries that say nothing to a cachedit user, silenced for the command line only
 # (never on `import cachedit`): torchao's CUDA-only kernels that cannot load on a CPU, torch's notice about
@@ -73,7 +73,8 @@ def cmd_calibrate(args) -> int:
 
     load, call, prompts = model_and_call(args.model)
     runs = [dict(prompt=prompts[i % len(prompts)], **call(args.steps, i)) for i in range(args.runs)]
-    options = calibrate(load(), args.policy, runs)
+    extra = {"speedup": args.speedup} if args.policy == "schedule" else {}
+    options = calibrate(load(), args.policy, runs, **extra)
     text = json.dumps(options, indent=2)
     if args.out:
         from pathlib import Path
@@ -125,12 +126,15 @@ def main(argv: list[str] | None = None) -> int:
 
     bench_arguments(p)
     p.set_defaults(func=run_bench)
-    p = sub.add_parser("calibrate", help="fit TeaCache's polynomial or MagCache's ratios from uncached runs")
+    p = sub.add_parser("calibrate", help="fit TeaCache's polynomial or MagCache's ratios, or search a schedule's "
+                       "computed steps, from uncached runs")
     p.add_argument("--model", default="reference", type=model_source("reference", "tiny"),
                    help="'reference', 'tiny' or a pipeline folder")
     from .cache.calibrate import calibrated_policies
 
-    p.add_argument("--policy", choices=calibrated_policies(), required=True)
+    p.add_argument("--policy", choices=[*calibrated_policies(), "schedule"], required=True)
+    p.add_argument("--speedup", type=finite_float, default=3.0,
+                   help="schedule: the ideal speedup its computed steps are searched for")
     p.add_argument("--steps", type=positive_int, default=28)
     p.add_argument("--runs", type=positive_int, default=4, help="uncached runs (prompts cycle, seeds differ)")
     p.add_argument("--out", default=None, type=writable_file, help="write the options as JSON here")

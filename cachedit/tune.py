@@ -55,8 +55,9 @@ class Trial:
 
 def search_space(policies: list[str] | None = None, calibrators: list[str | None] | None = None,
                  policy_options: dict[str, dict] | None = None) -> list[Candidate]:
-    """Every registered policy's `tune_space`, crossed with the registered calibrators.
-    `policy_options`: per policy, calibrated options (MagCache's ratios, TeaCache's polynomial)."""
+    """Every registered policy's `tune_space`, crossed with the registered calibrators (those the policy names in
+    `tune_calibrators`, where it does). `policy_options`: per policy, calibrated options (MagCache's ratios,
+    TeaCache's polynomial), or a list of them, one candidate each (the schedule policy's steps per budget)."""
     from .cache.calibrators import CALIBRATORS
     from .cache.policies import POLICIES
 
@@ -72,19 +73,24 @@ def search_space(policies: list[str] | None = None, calibrators: list[str | None
     options = policy_options or {}
     out = []
     for name in names:
-        for space in POLICIES.get(name).tune_space():
+        policy = POLICIES.get(name)
+        given = options.get(name, {})
+        for space in policy.tune_space():
             for calibrator in calibs:
-                cache = {**space, "policy": name, "calibrator": calibrator}
-                if name in options:
-                    cache["policy_options"] = {**cache.get("policy_options", {}), **options[name]}
-                try:
-                    CacheConfig(**cache)
-                except ValueError:
-                    continue  # this policy cannot run without options it was not given (e.g. MagCache's ratios)
-                mask = cache.get("steps_mask")
-                family = f"{name}" + (f" mask={mask}" if isinstance(mask, str) else "") + \
-                    (f" Fn={cache.get('Fn', 1)}") + (f" +{calibrator}" if calibrator else "")
-                out.append(Candidate(family, cache))
+                if policy.tune_calibrators is not None and calibrator not in policy.tune_calibrators:
+                    continue
+                for extra in (given if isinstance(given, list) else [given]):
+                    cache = {**space, "policy": name, "calibrator": calibrator}
+                    if extra:
+                        cache["policy_options"] = {**cache.get("policy_options", {}), **extra}
+                    try:
+                        CacheConfig(**cache)
+                    except ValueError:
+                        continue  # this policy cannot run without options it was not given (e.g. MagCache's ratios)
+                    mask = cache.get("steps_mask")
+                    family = f"{name}" + (f" mask={mask}" if isinstance(mask, str) else "") + \
+                        (f" Fn={cache.get('Fn', 1)}") + (f" +{calibrator}" if calibrator else "")
+                    out.append(Candidate(family, cache))
     return out
 
 
@@ -244,6 +250,25 @@ def plot(trials: list[Trial], best: Trial | None, path: Path) -> bool:
     return True
 
 
+SCHEDULE_SPEEDUPS = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0)  # the budgets searched besides the target
+
+
+def schedule_options(pipe, runs: list[dict], speedup: float | None = None) -> list[dict]:
+    """The schedule policy's options for each budget (and the target's), searched once on the calibration runs
+    with the calibrator it is tuned with."""
+    from .cache.calibrate import record_streams
+    from .cache.forecasts import Schedule
+    from .cache.schedule_search import ScheduleSearch
+
+    recorded = record_streams(pipe, runs)
+    speedups = sorted(set(SCHEDULE_SPEEDUPS) | ({speedup} if speedup else set()))
+    out = []
+    for calibrator in Schedule.tune_calibrators:
+        search = ScheduleSearch(recorded, calibrator)
+        out += [o for o in (search.options(s) for s in speedups) if o not in out]
+    return out
+
+
 def add_arguments(p) -> None:
     from .arguments import finite_float, model_source, positive_int, writable_file
     from .cache.calibrators import CALIBRATORS
@@ -288,6 +313,8 @@ def run(args) -> int:
     for name in calibrated_policies():
         if wanted is None or name in wanted:
             options[name] = calibrate(pipe, name, runs)
+    if wanted is None or "schedule" in wanted:
+        options["schedule"] = schedule_options(pipe, runs, args.speedup)
     calibs = None if args.calibrators is None else [None if c == "none" else c for c in args.calibrators]
     candidates = search_space(wanted, calibs, options)
     bar = tqdm(total=len(candidates), desc="tune", unit="config", dynamic_ncols=True)

@@ -72,6 +72,14 @@ def test_calibrate_command_prints_options(tmp_path):
     _cli("calibrate", "--model", "reference", "--policy", "magcache", "--steps", "8", "--runs", "2", "--out", str(out))
     ratios = json.loads(out.read_text())["mag_ratios"]
     assert len(ratios) == 8 and ratios[0] == 1.0
+    out = tmp_path / "schedule.json"
+    _cli("calibrate", "--model", "reference", "--policy", "schedule", "--speedup", "2", "--steps", "8", "--runs", "1",
+         "--out", str(out))
+    options = json.loads(out.read_text())
+    assert options["num_steps"] == 8 and sum(len(s) for s in options["steps"].values()) == 8
+    from cachedit.config import CacheConfig
+
+    CacheConfig(Fn=0, Bn=0, warmup_steps=0, policy="schedule", policy_options=options)
 
 
 @pytest.mark.parametrize("parallel", [["--parallel", "ulysses"],

@@ -25,10 +25,18 @@ def _trial(family: str, threshold: float, speedup: float, psnr: float) -> Trial:
 
 def test_search_space_covers_every_registered_policy_and_calibrator():
     space = search_space()
-    assert {c.cache["policy"] for c in space} == {n for n, p in POLICIES.items() if p.tune_space()} - {"magcache"}
+    calibrated = {"magcache", "schedule"}  # searched once they have their calibrated options
+    assert {c.cache["policy"] for c in space} == {n for n, p in POLICIES.items() if p.tune_space()} - calibrated
     assert {c.cache["calibrator"] for c in space} == {None, *CALIBRATORS}
     with_ratios = search_space(["magcache"], [None], {"magcache": {"mag_ratios": [1.0] * STEPS}})
     assert with_ratios and all(c.cache["policy_options"]["mag_ratios"] == [1.0] * STEPS for c in with_ratios)
+
+
+def test_a_list_of_calibrated_options_gives_a_candidate_each_with_the_policys_calibrators():
+    schedules = [{"steps": [0, 2, 5], "num_steps": STEPS}, {"steps": [0, 4], "num_steps": STEPS}]
+    found = search_space(["schedule"], None, {"schedule": schedules})
+    assert [c.cache["policy_options"] for c in found] == schedules
+    assert {c.cache["calibrator"] for c in found} == set(POLICIES.get("schedule").tune_calibrators)
 
 
 def test_a_registered_policy_is_searched_with_its_own_space():

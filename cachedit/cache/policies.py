@@ -83,6 +83,7 @@ class Policy:
     tune_Fn = 0  # the first blocks the tuner computes (1 where the signal is the first blocks' residual)
     # fit(recorded) -> policy_options from uncached runs (cachedit.cache.calibrate); None: nothing to fit
     fit = None
+    tune_calibrators: tuple | None = None  # the calibrators `cachedit tune` crosses it with (None: every one)
 
     @classmethod
     def tune_space(cls) -> list[dict]:
