@@ -3,7 +3,7 @@
     python bench/frontier.py [--model reference reference-sd3] [--prompts 8] [--steps 28] [--quick] [--lpips]
                              [--policies ...] [--calibrators ...] [--out bench/out/frontier]
 
-Quality only, no timing (see cachedit/benchmarking/frontier.py): every registered cachedit policy x
+Quality only, no timing (see cachedit/benchmarking/quality_frontier.py): every registered cachedit policy x
 calibrator (each policy's `tune_space`), cache-dit DBCache +-TaylorSeer, diffusers FirstBlockCache,
 TaylorSeerCache lite / full and MagCache (where the model's transformer can take them), and the plain
 pipeline at fewer steps; prompt i with seed i. Per model: frontier_<model>.json (every point, what was
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         return replot(Path(args.out), args.model)
     quiet_third_party()
     torch.set_num_threads(1)
-    from cachedit.benchmarking.frontier import Scorer, run_frontier
+    from cachedit.benchmarking.quality_frontier import Scorer, run_frontier
     from cachedit.benchmarking.methods import model_and_call
 
     if args.lpips:
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def report(out: Path, stem: str, meta: dict, result: dict) -> None:
     """frontier_<model>.md and .png from one model's result, and the table printed."""
-    from cachedit.benchmarking.frontier import family_table, plot, table
+    from cachedit.benchmarking.quality_frontier import family_table, plot, table
 
     points, n = result["points"], len(meta["prompts"])
     left_out = "".join(f"- left out: {r}\n" for r in result.get("left_out", []))
@@ -99,7 +99,7 @@ def replot(out: Path, models: list[str]) -> None:
 
 def merge_saved(out: Path, files: list[Path]) -> None:
     """Runs of some parts on one model (same prompts, seeds and steps) as one result."""
-    from cachedit.benchmarking.frontier import merge
+    from cachedit.benchmarking.quality_frontier import merge
 
     saved = [json.loads(f.read_text()) for f in files]
     metas = [s["meta"] for s in saved]

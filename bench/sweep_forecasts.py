@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from cachedit.benchmarking.frontier import BlockCounter, frontier_at
+from cachedit.benchmarking.quality_frontier import BlockCounter, frontier_at
 from cachedit.cli import quiet_third_party
 
 TARGETS = (2.0, 2.5, 3.0, 4.0)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cachedit.benchmarking.frontier import fewer_steps, frontier_at, summary, table
+from cachedit.benchmarking.quality_frontier import fewer_steps, frontier_at, summary, table
 from cachedit.cache.forecasts.interval import Interval
 from cachedit.cache.policies import POLICIES, register_policy
 
@@ -67,7 +67,7 @@ def test_the_bench_runs_end_to_end_and_sweeps_a_newly_registered_policy(tmp_path
         bench.main(["--model", "tiny", "--prompts", "2", "--steps", "6", "--quick", "--out", str(tmp_path),
                     "--policies", "interval", _EveryOther.name, "--calibrators", "none", "foca"])
     finally:
-        POLICIES.pop(_EveryOther.name)
+        POLICIES.unregister(_EveryOther.name)
     saved = json.loads((tmp_path / "frontier_tiny.json").read_text())
     points = saved["points"]
     groups = {p["group"] for p in points}

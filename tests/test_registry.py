@@ -108,7 +108,7 @@ def test_cli_choices_follow_a_newly_registered_policy_and_calibrator(capsys):
         assert _parse(generate.add_arguments, "--calibrator", "test-forecaster").calibrator == "test-forecaster"
         with pytest.raises(SystemExit):
             cli.main(["calibrate", "--help"])
-        assert "{teacache,magcache,test-mine}" in capsys.readouterr().out
+        assert "{teacache,magcache,test-mine,schedule}" in capsys.readouterr().out
     finally:
         POLICIES.unregister(Mine.name)
         CALIBRATORS.unregister("test-forecaster")

@@ -27,6 +27,7 @@ minimising the estimated error of the forecasts the schedule implies:
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -61,7 +62,7 @@ def edge_costs(residuals: list[list[torch.Tensor]], timesteps: list[float], cali
         for i in ([0] if h < 0 else range(h + 1, n)):
             streams = []
             for s in range(len(residuals[i])):
-                cal = make_calibrator(calibrator, order)
+                cal = make_calibrator(SimpleNamespace(calibrator=calibrator, taylorseer_order=order))
                 if getattr(cal, "clock", "step") == "timestep":
                     cal.position_of = positions.get
                 if h >= 0:
@@ -126,9 +127,9 @@ class ScheduleSearch:
 
     def __init__(self, recorded: list[dict[str, dict]], calibrator: str | None = "foca", order: int = 1,
                  objective: str = "sum") -> None:
-        if calibrator not in CALIBRATORS:
+        if calibrator is not None and calibrator not in CALIBRATORS:
             raise ValueError(f"schedule search: calibrator={calibrator!r} is unknown; allowed values: "
-                             f"{sorted(c for c in CALIBRATORS if c)} or None")
+                             f"{sorted(CALIBRATORS.names())} or None")
         if objective not in OBJECTIVES:
             raise ValueError(f"schedule search: objective={objective!r} is invalid; allowed values: {OBJECTIVES}")
         if not recorded or not all(recorded):
