@@ -323,7 +323,7 @@ def _shard_all(tp: TensorParallel, device=None) -> list[tuple[nn.Module, object,
         if is_peft_layer(sub):  # the wrapper's own record of its base layer's shape
             _set_attr(tp, sub, "out_features", sub.base_layer.out_features)
             _set_attr(tp, sub, "in_features", sub.base_layer.in_features)
-            if device is not None:  # adapters loaded on the host (`reshard`): A or B whole, not cut above
+            if device is not None:  # adapters loaded on the host (`unsharded`): A or B whole, not cut above
                 sub.to(device)
         planned.append((sub, style, parts[0][1]))
     for _, sub, attr in _matches(tp.module, tp.plan.head_attrs()):
@@ -348,7 +348,7 @@ def apply_tensor_parallel(module: nn.Module, plan: TPPlan, comm: MeteredCommunic
             for _, sub, outputs in _matches(module, plan.reduce_points()):
                 _attach(tp, sub, ReduceHook(comm, outputs), "reduce")
                 tp.per_call["all_reduce"] += 1
-            # Always, so that a LoRA loaded (`reshard`) and unloaded after accelerate finds it in its place.
+            # Always: a LoRA loaded after accelerate (`unsharded`) and unloaded then needs it too.
             _attach(tp, module, PlacementHook(tp), "placement")
     except BaseException:
         remove_tensor_parallel(tp)
