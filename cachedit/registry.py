@@ -104,3 +104,13 @@ class Registry(Generic[T]):
     def _unknown(self, name: object) -> UnknownName:
         allowed = ", ".join(repr(n) for n in self._entries) or "none registered"
         return UnknownName(f"{self.kind} {name!r} is not registered; allowed values: {allowed}")
+
+
+def functions_returning(what: str) -> Callable[[str, object], None]:
+    """A `check` for registries of builders: each item must be a function of the module returning `what`."""
+
+    def check(name: str, build) -> None:
+        if not callable(build):
+            raise TypeError(f"the {what} for {name!r} must be a function of the module returning it")
+    return check
+

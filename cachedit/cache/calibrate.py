@@ -19,7 +19,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from .. import hooks
-from .._diffusers_compat import BaseState, StateManager, current_context
+from .._diffusers_compat import BaseState, StateManager, current_context, mark_stateful
 from ..adapters import adapter_for, block_io, modulated_input
 from .policies import POLICIES, calibrated_policies, mag_ratios, teacache_coefficients  # noqa: F401 - re-exported
 from .runs import RunTracker
@@ -72,10 +72,9 @@ class _ContextName(ModelHook):
     """Reads the name a pipeline gives a transformer call with `cache_context`: diffusers sets it on the
     state managers of stateful hooks, so this hook holds one and never changes the call."""
 
-    _is_stateful = True
-
     def __init__(self) -> None:
         super().__init__()
+        mark_stateful(self)
         self.states = StateManager(BaseState)
 
     @property

@@ -23,7 +23,7 @@ import torch.nn as nn
 from .._diffusers_compat import ContextParallelInput, ContextParallelOutput, cp_plan
 
 from .. import model_lookup
-from ..registry import Registry
+from ..registry import Registry, functions_returning
 
 __all__ = ["CPPlan", "CP_PLANS", "ContextParallelInput", "ContextParallelOutput", "cp_plan_for", "supported_classes"]
 
@@ -37,15 +37,9 @@ class CPPlan:
 
 CPPlanBuilder = Callable[[nn.Module], CPPlan]
 
-
-def _check_builder(name: str, build) -> None:
-    if not callable(build):
-        raise TypeError(f"the context-parallel plan for {name!r} must be a function of the module returning a CPPlan")
-
-
 # Module class name -> how modules of that class are split for context parallelism.
-CP_PLANS: Registry[CPPlanBuilder] = Registry("context-parallel plan", check=_check_builder,
-                                             before_lookup=model_lookup.before_lookup)
+CP_PLANS: Registry[CPPlanBuilder] = Registry(
+    "context-parallel plan", check=functions_returning("context-parallel plan"), before_lookup=model_lookup.before_lookup)
 
 
 def supported_classes() -> list[str]:

@@ -32,7 +32,7 @@ from .._diffusers_compat import PackedColwiseParallel, PackedRowwiseParallel, tp
 
 from .. import model_lookup
 from ..modelinfo import config_value
-from ..registry import Registry
+from ..registry import Registry, functions_returning
 
 __all__ = ["PackedColwiseParallel", "PackedRowwiseParallel", "TPPlan", "TP_PLANS", "supported_tp_classes",
            "tp_plan_for"]
@@ -61,15 +61,9 @@ class TPPlan:
 
 TPPlanBuilder = Callable[[nn.Module], TPPlan]
 
-
-def _check_builder(name: str, build) -> None:
-    if not callable(build):
-        raise TypeError(f"the tensor-parallel plan for {name!r} must be a function of the module returning a TPPlan")
-
-
 # Module class name -> how modules of that class are sharded for tensor parallelism.
-TP_PLANS: Registry[TPPlanBuilder] = Registry("tensor-parallel plan", check=_check_builder,
-                                             before_lookup=model_lookup.before_lookup)
+TP_PLANS: Registry[TPPlanBuilder] = Registry(
+    "tensor-parallel plan", check=functions_returning("tensor-parallel plan"), before_lookup=model_lookup.before_lookup)
 
 
 def supported_tp_classes() -> list[str]:

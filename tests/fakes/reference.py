@@ -63,3 +63,15 @@ def random_qkv(dtype, sq=37, sk=29, heads=4, kv_heads=4, dim=64, seed=0):
 
 def max_err(out, ref):
     return (out.double() - ref).abs().max().item()
+
+
+def route_forward(monkeypatch, model, router) -> None:
+    """Run every call of `model` inside `router` (an AttentionRouter), for the length of the test."""
+    forward = model.forward
+
+    def routed(*args, **kw):
+        with router:
+            return forward(*args, **kw)
+
+    monkeypatch.setattr(model, "forward", routed)
+

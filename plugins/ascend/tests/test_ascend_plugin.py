@@ -28,7 +28,7 @@ from cachedit.quant.spec import QuantSpec
 from cachedit.testing.conformance import ATTENTION_ATOL, reference_attention
 
 from fake_torch_npu import FailingImport, VendorError, make_torch_npu
-from tests.fakes.reference import max_err, random_qkv
+from tests.fakes.reference import max_err, random_qkv, route_forward
 
 
 @pytest.fixture
@@ -301,13 +301,7 @@ def test_router_runs_a_real_dit_through_npu_fused_infer_attention_score(npu, mon
     pipe = tiny_pipeline("flux", dtype=torch.bfloat16)
     before = pipe("a photo of a cat", **dict(tiny_call_kwargs("flux"), num_inference_steps=2)).images
     router = AttentionRouter(manager().attention_kernels(backend))
-    forward = pipe.transformer.forward
-
-    def routed(*args, **kw):
-        with router:
-            return forward(*args, **kw)
-
-    monkeypatch.setattr(pipe.transformer, "forward", routed)
+    route_forward(monkeypatch, pipe.transformer, router)
     during = pipe("a photo of a cat", **dict(tiny_call_kwargs("flux"), num_inference_steps=2)).images
     assert set(router.calls) == {"npu_fused_infer_attention_score"} and fake.calls
     assert (during.double() - before.double()).abs().max().item() < 2e-2  # bfloat16 kernels, two orders

@@ -31,7 +31,7 @@ from cachedit.testing.conformance import ATTENTION_ATOL, reference_attention
 
 from fake_cuda import FakeCuda, FakeTorchSDPA, VendorError, strict_int_mm, strict_scaled_mm
 from fake_flash_attn import make_flash_attn_interface
-from tests.fakes.reference import max_err, random_qkv
+from tests.fakes.reference import max_err, random_qkv, route_forward
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -554,13 +554,7 @@ def test_router_runs_a_real_dit_through_fa3(monkeypatch, backend):
     kwargs = dict(tiny_call_kwargs("flux"), num_inference_steps=2)
     before = pipe("a photo of a cat", **kwargs).images
     router = AttentionRouter(manager().attention_kernels(backend))
-    forward = pipe.transformer.forward
-
-    def routed(*args, **kw):
-        with router:
-            return forward(*args, **kw)
-
-    monkeypatch.setattr(pipe.transformer, "forward", routed)
+    route_forward(monkeypatch, pipe.transformer, router)
     during = pipe("a photo of a cat", **dict(tiny_call_kwargs("flux"), num_inference_steps=2)).images
     assert router.calls["fa3"] > 0 and set(router.calls) == {"fa3"} and fa3.calls
     assert (during.double() - before.double()).abs().max().item() < 0.05
