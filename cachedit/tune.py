@@ -258,14 +258,15 @@ def schedule_options(pipe, runs: list[dict], speedup: float | None = None) -> li
     with the calibrator it is tuned with."""
     from .cache.calibrate import record_streams
     from .cache.forecasts import Schedule
-    from .cache.schedule_search import ScheduleSearch
+    from .cache.schedule_search import OBJECTIVES, ScheduleSearch
 
     recorded = record_streams(pipe, runs)
     speedups = sorted(set(SCHEDULE_SPEEDUPS) | ({speedup} if speedup else set()))
     out = []
     for calibrator in Schedule.tune_calibrators:
-        search = ScheduleSearch(recorded, calibrator)
-        out += [o for o in (search.options(s) for s in speedups) if o not in out]
+        for objective in OBJECTIVES:  # neither wins everywhere (README, "Searched schedules")
+            search = ScheduleSearch(recorded, calibrator, objective=objective)
+            out += [o for o in (search.options(s) for s in speedups) if o not in out]
     return out
 
 

@@ -15,6 +15,8 @@ screen's points are kept in the output, marked.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -158,12 +160,14 @@ def peer_families(steps: int, mag_ratios, diffusers_ok: bool, quick: bool = Fals
     from .methods import cache_dit_method, diffusers_method
 
     out, missing = [], []
-    thresholds = (0.1, 0.3) if quick else (0.1, 0.2, 0.3)
-    for taylorseer in (False, True):
-        family = "cache-dit DBCache F1B0" + (" +TaylorSeer" if taylorseer else "")
+    thresholds = (0.1, 0.3) if quick else (0.1, 0.2, 0.3, 0.5, 0.8)  # up to where each peer reaches 4-5x
+    for taylorseer, cap in ((False, 3), (True, 3), (False, -1), (True, -1)):  # -1: cache-dit's own default, no cap
+        family = "cache-dit DBCache F1B0" + (" +TaylorSeer" if taylorseer else "") + (" uncapped" if cap < 0 else "")
+        if quick and cap < 0:
+            continue
         for t in thresholds:
             m = cache_dit_method(f"{family} t={t}", taylorseer=taylorseer, Fn_compute_blocks=1, Bn_compute_blocks=0,
-                                 residual_diff_threshold=t, max_warmup_steps=4, max_continuous_cached_steps=3)
+                                 residual_diff_threshold=t, max_warmup_steps=4, max_continuous_cached_steps=cap)
             if m is None:
                 missing.append(f"{family}: cache-dit is not installed (pip install cache-dit==1.5.3 einops)")
                 break
@@ -179,7 +183,7 @@ def peer_families(steps: int, mag_ratios, diffusers_ok: bool, quick: bool = Fals
             f"diffusers FirstBlockCache t={t}", lambda t=t: FirstBlockCacheConfig(threshold=t), threshold=t)))
     for lite in (True, False):
         family = "diffusers TaylorSeerCache " + ("lite" if lite else "full")
-        for n in ((2, 4) if quick else (2, 3, 4, 5, 6) if lite else (2, 3, 4)):
+        for n in ((2, 4) if quick else (2, 3, 4, 5, 6, 8) if lite else (2, 3, 4, 6)):
             out.append((family, diffusers_method(
                 f"{family} interval={n}", lambda n=n, lite=lite: TaylorSeerCacheConfig(
                     cache_interval=n, disable_cache_before_step=3, taylor_factors_dtype=torch.float32,
@@ -187,7 +191,7 @@ def peer_families(steps: int, mag_ratios, diffusers_ok: bool, quick: bool = Fals
     if mag_ratios is None:
         missing.append("diffusers MagCache: its calibration run gave no ratios")
     else:
-        for t in ((0.06, 0.24) if quick else (0.06, 0.12, 0.24)):
+        for t in ((0.06, 0.24) if quick else (0.06, 0.12, 0.24, 0.5)):
             out.append(("diffusers MagCache", diffusers_method(f"diffusers MagCache t={t}", lambda t=t: MagCacheConfig(
                 threshold=t, num_inference_steps=steps, mag_ratios=mag_ratios), threshold=t)))
     return out, missing
@@ -240,6 +244,10 @@ def run_frontier(load: Callable, call: Callable, prompts: list[str], steps: int,
     runs = [dict(prompt=prompts[i % len(prompts)], **call(steps, 100 + i)) for i in range(1 if quick else 3)]
     options = {name: calibrate(plain, name, runs) for name in ("teacache", "magcache")  # unseen seeds
                if "cachedit" in parts and (policies is None or name in policies)}
+    if "cachedit" in parts and (policies is None or "schedule" in policies):  # one searched schedule per budget
+        from ..tune import schedule_options
+
+        options["schedule"] = schedule_options(plain, runs)
     counter = BlockCounter(plain, prompts[0], call(steps, 0))
 
     def run_cachedit(candidate, some: list[int]) -> Point:
@@ -314,6 +322,11 @@ def merge(results: list[dict]) -> dict:
 def _knob(cache: dict) -> str:
     if "interval" in cache.get("policy_options", {}):
         return f"N={cache['policy_options']['interval']}"
+    if "steps" in cache.get("policy_options", {}):  # a searched schedule: its computed calls, and which one
+        steps = cache["policy_options"]["steps"]
+        lists = list(steps.values()) if isinstance(steps, dict) else [steps]
+        digest = hashlib.sha1(json.dumps(steps, sort_keys=True).encode()).hexdigest()[:6]
+        return f"computed={'+'.join(str(len(s)) for s in lists)} ({digest})"
     if isinstance(cache.get("steps_mask"), str):
         return ""
     return f"t={cache.get('residual_diff_threshold')}"
