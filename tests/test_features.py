@@ -71,13 +71,13 @@ class Broken(Feature):
 
 def test_the_declared_order_and_the_records():
     names = [f.name for f in FEATURES]
-    assert names == ["fuse_qkv", "quantize", "attention", "tensor_parallel", "compile", "cache", "context_parallel",
-                     "cfg_parallel", "vae_parallel", "controlnet_parallel", "call_scope"]
+    assert names == ["fuse_qkv", "quantize", "attention", "signatures", "tensor_parallel", "compile", "cache",
+                     "context_parallel", "cfg_parallel", "vae_parallel", "controlnet_parallel", "call_scope"]
     pipe = tiny_pipeline("flux")
     assert not cachedit.is_accelerated(pipe) and cachedit.applied(pipe) == {}
     cachedit.accelerate(pipe, device="cpu_ref", cache=CACHE, attention="math")
     assert cachedit.is_accelerated(pipe)
-    assert list(cachedit.applied(pipe)) == ["attention", "cache", "call_scope"]  # in the order applied
+    assert list(cachedit.applied(pipe)) == ["attention", "signatures", "cache", "call_scope"]  # in the order applied
     cachedit.disable(pipe)
     assert not cachedit.is_accelerated(pipe) and cachedit.applied(pipe) == {}
 

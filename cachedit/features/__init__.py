@@ -20,6 +20,7 @@ from .context_parallel import ContextParallel
 from .controlnet_parallel import ControlNetParallel
 from .fuse_qkv import FuseQKV
 from .quantize import Quantize
+from .signatures import Signatures
 from .tensor_parallel import TensorParallel
 from .vae_parallel import VaeParallel
 
@@ -27,6 +28,7 @@ FEATURES: tuple[Feature, ...] = (
     FuseQKV(),
     Quantize(),
     Attention(),
+    Signatures(),  # processor objects, no hook: anywhere before compile
     TensorParallel(),  # transformers and text encoders
     Compile(),
     Cache(),
