@@ -165,7 +165,7 @@ def peer_families(steps: int, mag_ratios, diffusers_ok: bool, quick: bool = Fals
         family = "cache-dit DBCache F1B0" + (" +TaylorSeer" if taylorseer else "") + (" uncapped" if cap < 0 else "")
         if quick and cap < 0:
             continue
-        for t in thresholds:
+        for t in thresholds + ((1.5, 3.0) if cap < 0 and not quick else ()):  # uncapped: on to its limit
             m = cache_dit_method(f"{family} t={t}", taylorseer=taylorseer, Fn_compute_blocks=1, Bn_compute_blocks=0,
                                  residual_diff_threshold=t, max_warmup_steps=4, max_continuous_cached_steps=cap)
             if m is None:
