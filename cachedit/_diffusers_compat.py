@@ -66,6 +66,10 @@ check_version(diffusers.__version__)
 
 # --- hook registries -----------------------------------------------------------------------------------------------
 
+# the names diffusers' group offloading registers its hooks under (diffusers/hooks/group_offloading.py)
+GROUP_OFFLOADING_HOOKS = ("group_offloading", "lazy_prefetch_group_offloading")
+
+
 def hook_registry(module: nn.Module):
     """The `HookRegistry` diffusers keeps in `module._diffusers_hook`, or None. `check_if_exists_or_initialize` would
     create one; detaching, resetting and checking must look without creating."""

@@ -27,16 +27,20 @@ def _invalidate_registry_caches(ctx: Context) -> None:
 
 
 def accelerate(pipe, device: str = "auto", cache=None, parallel=None, quantize=None, compile=None,
-               attention: str | None = None, config=None):
+               attention: str | None = None, config=None, inference_mode: bool | None = None):
     """Make `pipe` faster in place and return it. Raises ValueError, with `pipe` untouched, on bad input.
+
+    `inference_mode`: pipeline calls run under `torch.inference_mode` (None: on; bitwise the same outputs,
+    returned as normal tensors; off by itself while offloading moves parameters, see `inference.py`).
 
     `config`: a YAML / JSON file or a dict with these same arguments (see `config_file`); arguments passed
     here win over the file's. `cache` may also name a file holding cache fields alone (a tuned config)."""
     if config is not None:
         args = config_file.merge(config_file.load(config), device=device, cache=cache, parallel=parallel,
-                                 quantize=quantize, compile=compile, attention=attention)
-        device, cache, parallel, quantize, compile, attention = (
-            args[k] for k in ("device", "cache", "parallel", "quantize", "compile", "attention"))
+                                 quantize=quantize, compile=compile, attention=attention,
+                                 inference_mode=inference_mode)
+        device, cache, parallel, quantize, compile, attention, inference_mode = (
+            args[k] for k in ("device", "cache", "parallel", "quantize", "compile", "attention", "inference_mode"))
         device = device or "auto"
     if config_file.is_file_reference(cache):
         cache = config_file.load_section(cache, CacheConfig, "cache")
@@ -45,11 +49,14 @@ def accelerate(pipe, device: str = "auto", cache=None, parallel=None, quantize=N
                    compile=coerce(compile, CompileConfig, "compile"))
     if attention is not None and not isinstance(attention, str):
         raise ValueError(f"attention={attention!r} is invalid; allowed values: None, 'auto' or a kernel name")
+    if inference_mode is not None and not isinstance(inference_mode, bool):
+        raise ValueError(f"inference_mode={inference_mode!r} is invalid; allowed values: None, True, False")
     plugins = manager()
     backend = plugins.resolve(device)
     if getattr(pipe, STATE_ATTR, None) is not None:
         raise ValueError("pipe is already accelerated; call cachedit.disable(pipe) first")
-    ctx = Context(pipe, backend, plugins, attention=attention, adapters=check_pipeline(pipe, backend), **configs)
+    ctx = Context(pipe, backend, plugins, attention=attention, adapters=check_pipeline(pipe, backend),
+                  inference_mode=inference_mode is not False, **configs)
     for feature in FEATURES:
         feature.check(ctx)  # pure: nothing has changed yet
 

@@ -20,7 +20,7 @@ from typing import Any
 from .config import CacheConfig, CompileConfig, ParallelConfig, QuantConfig, coerce
 
 SECTIONS = {"cache": CacheConfig, "parallel": ParallelConfig, "quantize": QuantConfig, "compile": CompileConfig}
-KEYS = ("device", "attention", *SECTIONS)
+KEYS = ("device", "attention", "inference_mode", *SECTIONS)
 SUFFIXES = (".yaml", ".yml", ".json")
 
 
@@ -63,6 +63,10 @@ def load(source: str | Path | dict) -> dict[str, Any]:
     for key, value in data.items():
         if key in SECTIONS:
             out[key] = coerce(value, SECTIONS[key], f"config.{key}")
+        elif key == "inference_mode":
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"config.{key}={value!r} is invalid; allowed values: true, false")
+            out[key] = value
         elif value is not None and not isinstance(value, str):
             raise ValueError(f"config.{key}={value!r} is invalid; allowed values: a string")
         else:
@@ -95,6 +99,8 @@ def dump(kwargs: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for key in KEYS:
         value = kwargs.get(key)
+        if key == "inference_mode" and value is None:
+            value = True  # accelerate's default
         if dataclasses.is_dataclass(value):
             value = {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
         out[key] = value

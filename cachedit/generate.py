@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default=None, help="a preset (fbcache, fast, balanced, quality), 'none', or a "
                    "YAML / JSON file of cache fields (e.g. a tuned config)")
     p.add_argument("--config", default=None, help="a YAML / JSON file of accelerate's arguments (device, cache, "
-                   "parallel, quantize, compile, attention); flags given here win")
+                   "parallel, quantize, compile, attention, inference_mode); flags given here win")
     p.add_argument("--Fn", type=int, help="explicit DBCache: first blocks always computed")
     p.add_argument("--Bn", type=int, help="explicit DBCache: last blocks always computed")
     p.add_argument("--threshold", type=finite_float, help="explicit DBCache: residual diff threshold")
@@ -47,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parallel-text-encoder", action="store_true", help="shard the text encoders over every rank")
     p.add_argument("--parallel-vae", action="store_true", help="split the VAE decode over every rank")
     p.add_argument("--attention", default=None, help="attention kernel name, or 'auto'")
+    p.add_argument("--no-inference-mode", dest="inference_mode", action="store_false", default=None,
+                   help="run the call under torch.no_grad only, not torch.inference_mode")
     p.add_argument("--quantize", choices=["fp8", "int8", "int8-weight-only"], default=None)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--out", default="out/generate", type=writable_dir, help="folder for the PNG and the JSON record")
@@ -160,7 +162,8 @@ def run(args) -> int:
     pipe.set_progress_bar_config(disable=rank != 0)
     try:
         cachedit.accelerate(pipe, device=backend.name, cache=cache, parallel=parallel, quantize=quantize,
-                            compile=args.compile or None, attention=args.attention, config=args.config)
+                            compile=args.compile or None, attention=args.attention, config=args.config,
+                            inference_mode=args.inference_mode)
     except ValueError as exc:  # refused before anything changed: the flags do not fit this model
         raise UserError(str(exc)) from None
     start = time.perf_counter()

@@ -34,6 +34,7 @@ from typing import Callable
 
 import torch.nn as nn
 
+from . import inference
 from ._diffusers_compat import child_registries, hook_registry
 
 
@@ -69,9 +70,10 @@ class Scope:
             reset(self.modules())
 
 
-def install(pipe, scope: Scope, on_call: Callable[[], None] | None = None) -> type:
-    """Give `pipe` a class of its own whose `__call__` runs inside `scope.run()`; returns that class.
-    `on_call` runs first at every call (e.g. to drop a step-count override)."""
+def install(pipe, scope: Scope, on_call: Callable[[], None] | None = None, inference_mode: bool = False) -> type:
+    """Give `pipe` a class of its own whose `__call__` runs inside `scope.run()` (and, where `inference_mode`,
+    under `torch.inference_mode`, see `inference.py`); returns that class. `on_call` runs first at every call
+    (e.g. to drop a step-count override)."""
     original = type(pipe)
     call = original.__call__
 
@@ -79,8 +81,9 @@ def install(pipe, scope: Scope, on_call: Callable[[], None] | None = None) -> ty
     def __call__(self, *args, **kwargs):
         if on_call is not None:
             on_call()
-        with scope.run():
-            return call(self, *args, **kwargs)
+        with scope.run(), inference.mode(self, inference_mode) as on:
+            output = call(self, *args, **kwargs)
+        return inference.as_normal(output) if on else output
 
     own = type(original.__name__, (original,), {
         "__call__": __call__, "__module__": original.__module__, "__qualname__": original.__qualname__,

@@ -115,6 +115,7 @@ class Context:
     compile: CompileConfig | None
     attention: str | None
     adapters: dict[str, Adapter]
+    inference_mode: bool = True  # pipeline calls under torch.inference_mode (inference.py)
     records: list[Applied] = field(default_factory=list)  # in the order applied
     routers: dict[str, AttentionRouter] = field(default_factory=dict)
     reducers: dict[str, ReducerChain] = field(default_factory=dict)
