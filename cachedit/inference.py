@@ -35,11 +35,17 @@ def _moves_parameters(module: nn.Module) -> bool:
     return registry is not None and any(name in registry.hooks for name in GROUP_OFFLOADING_HOOKS)
 
 
+def _components(pipe) -> list[nn.Module]:
+    """The pipeline's registered modules, read off its config: `pipe.components` would compute the
+    pipeline's `__init__` signature at every call."""
+    config = getattr(pipe, "config", None) or {}
+    found = (getattr(pipe, name, None) for name in config if not name.startswith("_"))
+    return [m for m in found if isinstance(m, nn.Module)]
+
+
 def offloaded(pipe) -> bool:
     """Whether a hook on any component moves parameters between devices during a call."""
-    components = getattr(pipe, "components", {}) or {}
-    return any(_moves_parameters(sub) for c in components.values() if isinstance(c, nn.Module)
-               for sub in c.modules())
+    return any(_moves_parameters(sub) for c in _components(pipe) for sub in c.modules())
 
 
 def _is_subclass(t: torch.Tensor) -> bool:
@@ -48,9 +54,7 @@ def _is_subclass(t: torch.Tensor) -> bool:
 
 def has_tensor_subclass(pipe) -> bool:
     """Whether any component holds a parameter or buffer that is a tensor subclass (e.g. torchao's)."""
-    components = getattr(pipe, "components", {}) or {}
-    return any(_is_subclass(t) for c in components.values() if isinstance(c, nn.Module)
-               for t in (*c.parameters(), *c.buffers()))
+    return any(_is_subclass(t) for c in _components(pipe) for t in (*c.parameters(), *c.buffers()))
 
 
 @contextmanager
