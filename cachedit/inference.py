@@ -38,8 +38,9 @@ def _moves_parameters(module: nn.Module) -> bool:
 def _components(pipe) -> list[nn.Module]:
     """The pipeline's registered modules, read off its config: `pipe.components` would compute the
     pipeline's `__init__` signature at every call."""
-    config = getattr(pipe, "config", None) or {}
-    found = (getattr(pipe, name, None) for name in config if not name.startswith("_"))
+    config = getattr(pipe, "config", None) or {}  # a component's entry is its (library, class name)
+    found = (getattr(pipe, name, None) for name, entry in config.items()
+             if isinstance(entry, (tuple, list)) and not name.startswith("_"))
     return [m for m in found if isinstance(m, nn.Module)]
 
 
