@@ -4,15 +4,15 @@ The kernels and their inputs are the same, so the outputs are bitwise the same; 
 per-op bookkeeping that `no_grad` still pays (version counters, view tracking). On a small DiT, where op
 dispatch is a large share of a step, that is 5-8 % of the call (`bench/bench_cache.py --parts overhead`).
 
-Two things would otherwise change for the caller, and are handled here:
+Three things would otherwise break, and are handled here:
 - tensors made inside inference mode are "inference tensors" (no in-place update or autograd outside it):
   the tensors a call returns are handed back as normal tensors (`as_normal`, one copy of the output);
 - parameters moved during a call (diffusers' model / sequential / group offloading, accelerate's device
   maps) would become inference tensors, so a later `fuse_lora` or optimizer step on them fails: such a
-  call keeps plain `no_grad` (`offloaded`);
+  call keeps plain `no_grad`;
 - tensor-subclass weights (torchao's quantized tensors, DTensor, wrapper subclasses in general) cannot be
   viewed under inference mode ("Cannot set version_counter for inference tensor"): a pipeline holding
-  any keeps plain `no_grad` too (`has_tensor_subclass`).
+  any keeps plain `no_grad` too (`needs_no_grad`).
 
 `accelerate(..., inference_mode=False)` turns it off, e.g. for callbacks that enable grad inside a call.
 """
@@ -28,13 +28,6 @@ import torch.nn as nn
 from ._diffusers_compat import GROUP_OFFLOADING_HOOKS, hook_registry
 
 
-def _moves_parameters(module: nn.Module) -> bool:
-    if hasattr(module, "_hf_hook"):  # accelerate: cpu_offload_with_hook / cpu_offload / dispatch_model
-        return True
-    registry = hook_registry(module)
-    return registry is not None and any(name in registry.hooks for name in GROUP_OFFLOADING_HOOKS)
-
-
 def _components(pipe) -> list[nn.Module]:
     """The pipeline's registered modules, read off its config: `pipe.components` would compute the
     pipeline's `__init__` signature at every call."""
@@ -44,25 +37,28 @@ def _components(pipe) -> list[nn.Module]:
     return [m for m in found if isinstance(m, nn.Module)]
 
 
-def offloaded(pipe) -> bool:
-    """Whether a hook on any component moves parameters between devices during a call."""
-    return any(_moves_parameters(sub) for c in _components(pipe) for sub in c.modules())
+def _moves_parameters(module: nn.Module) -> bool:
+    if hasattr(module, "_hf_hook"):  # accelerate: cpu_offload_with_hook / cpu_offload / dispatch_model
+        return True
+    registry = hook_registry(module)
+    return registry is not None and any(name in registry.hooks for name in GROUP_OFFLOADING_HOOKS)
 
 
 def _is_subclass(t: torch.Tensor) -> bool:
     return type(t.data if isinstance(t, nn.Parameter) else t) is not torch.Tensor
 
 
-def has_tensor_subclass(pipe) -> bool:
-    """Whether any component holds a parameter or buffer that is a tensor subclass (e.g. torchao's)."""
-    return any(_is_subclass(t) for c in _components(pipe) for t in (*c.parameters(), *c.buffers()))
+def needs_no_grad(pipe) -> bool:
+    """Whether a call of `pipe` must keep plain `no_grad`: a module of a component has a hook that moves
+    parameters between devices during the call, or holds a tensor-subclass parameter or buffer (one walk)."""
+    return any(_moves_parameters(m) or any(map(_is_subclass, (*m.parameters(recurse=False), *m.buffers(recurse=False))))
+               for c in _components(pipe) for m in c.modules())
 
 
 @contextmanager
 def mode(pipe, enabled: bool):
     """Inference mode around one call of `pipe` where it is enabled and safe; yields whether it is on."""
-    on = (enabled and not torch.is_inference_mode_enabled() and not offloaded(pipe)
-          and not has_tensor_subclass(pipe))
+    on = enabled and not torch.is_inference_mode_enabled() and not needs_no_grad(pipe)
     with torch.inference_mode() if on else nullcontext():
         yield on
 
