@@ -101,6 +101,8 @@ def _rank(rank, world, paths, dora_path):
     return out
 
 
+# loading a second adapter beside the first is the point here; peft warns that a model gains a second adapter
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")
 def test_lora_under_tensor_parallel_matches_one_process(lora_paths):
     from cachedit.testing.distributed import run_distributed
 
